@@ -1,0 +1,386 @@
+"""Global pooling of CNN feature maps: MAC, SPoC, GeM, R-MAC and CroW.
+
+All functions take feature maps ``x`` of shape :math:`(B, C, H, W)` and an optional boolean validity mask
+``mask`` of shape :math:`(B, H, W)` on the feature grid (True = valid; padding goes bottom/right), so that a
+padded batch of variable-size images gives, per image, the same vector as that image alone. They return the
+raw pooled vectors :math:`(B, C)`; the :mod:`deepagg.nn` modules L2-normalise them.
+
+An image whose mask is all False has no valid position: that is an error (``RuntimeError`` raised through
+``torch._assert_async``, which stays inside a compiled graph), never a silent ``-inf`` or ``nan`` descriptor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepagg._checks import (
+    ShapeError,
+    check_feature_mask,
+    check_floating,
+    check_positive,
+    check_same_device,
+    check_shape,
+)
+
+__all__ = ["crow", "gem", "mac", "rmac", "rmac_grid", "rmac_regions", "spoc"]
+
+
+def _check_maps(x: torch.Tensor, mask: torch.Tensor | None, fn: str) -> None:
+    check_shape(x, "B,C,H,W", name="x", fn=fn, hint="Pass feature maps, not descriptors.")
+    check_floating(x, name="x", fn=fn)
+    check_feature_mask(mask, x, fn=fn)
+    if mask is not None:
+        # Value check without a host sync: stays inside torch.compile graphs, raises on CPU at once.
+        torch._assert_async(
+            mask.flatten(1).any(1).all(),
+            f"{fn}(): mask must have at least one True position per image; got an all-False (empty) mask.",
+        )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Powers and logs run in at least float32 (half inputs are upcast, then cast back)."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def mac(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Maximum activations of convolutions: the spatial max of each channel.
+
+    Tolias et al., "Particular object retrieval with integral max-pooling of CNN activations", ICLR 2016.
+
+    Args:
+        x: Feature maps of shape :math:`(B, C, H, W)`.
+        mask: Optional bool validity mask :math:`(B, H, W)`; masked positions are ignored.
+
+    Returns:
+        Raw MAC vectors of shape :math:`(B, C)` (not normalised).
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D or ``mask`` does not match it.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        RuntimeError: If an image's mask is empty.
+
+    Example:
+        >>> mac(torch.rand(2, 512, 24, 32)).shape
+        torch.Size([2, 512])
+    """
+    _check_maps(x, mask, "mac")
+    if mask is not None:
+        x = x.masked_fill(~mask[:, None], float("-inf"))
+    return x.amax(dim=(-2, -1))
+
+
+def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Sum-pooled convolutional features, as a mean over the valid positions.
+
+    Babenko and Lempitsky, "Aggregating deep convolutional features for image retrieval", ICCV 2015. The mean
+    (not the sum) keeps padded and unpadded images equal up to nothing but the mask; after L2 normalisation
+    the two are the same descriptor.
+
+    Args:
+        x: Feature maps of shape :math:`(B, C, H, W)`.
+        mask: Optional bool validity mask :math:`(B, H, W)`.
+
+    Returns:
+        Raw SPoC vectors of shape :math:`(B, C)`.
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D or ``mask`` does not match it.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        RuntimeError: If an image's mask is empty.
+
+    Example:
+        >>> spoc(torch.rand(2, 512, 24, 32)).shape
+        torch.Size([2, 512])
+    """
+    _check_maps(x, mask, "spoc")
+    if mask is None:
+        return x.mean(dim=(-2, -1))
+    m = mask[:, None].to(x.dtype)
+    return (x * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
+
+
+def gem(
+    x: torch.Tensor,
+    p: float | torch.Tensor = 3.0,
+    eps: float = 1e-6,
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Generalized-mean pooling: :math:`(\frac{1}{|\Omega|}\sum_{\Omega} \max(x, \epsilon)^p)^{1/p}`.
+
+    Radenović, Tolias and Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2018.
+
+    Clamp semantics: the input is clamped at ``eps`` *before* the power (as cirtorch does), so negative or zero
+    activations (e.g. after whitening, or ViT tokens) give no NaN for fractional ``p`` and the gradient stays
+    finite; positions below ``eps`` contribute ``eps**p``. ``p = 1`` is SPoC on the clamped map and
+    ``p -> inf`` tends to MAC.
+
+    Args:
+        x: Feature maps of shape :math:`(B, C, H, W)`.
+        p: The power, a positive float, or a tensor of shape :math:`()` or :math:`(C,)` (per-channel p,
+            e.g. a learnable Parameter).
+        eps: The clamp floor, > 0.
+        mask: Optional bool validity mask :math:`(B, H, W)`.
+
+    Returns:
+        Raw GeM vectors of shape :math:`(B, C)`.
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D, ``mask`` does not match it, or a tensor ``p`` is not scalar or ``(C,)``.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        ValueError: If a float ``p`` or ``eps`` is not positive.
+        RuntimeError: If an image's mask is empty.
+
+    Example:
+        >>> gem(torch.rand(2, 512, 24, 32), p=3.0).shape
+        torch.Size([2, 512])
+    """
+    _check_maps(x, mask, "gem")
+    check_positive(eps, name="eps", fn="gem")
+    if isinstance(p, torch.Tensor):
+        if p.ndim > 1 or (p.ndim == 1 and p.shape[0] != x.shape[1]):
+            raise ShapeError(
+                f"gem(): p must be a scalar or have shape (C,) = ({x.shape[1]},); got {tuple(p.shape)}.",
+                expected=(x.shape[1],),
+                actual=tuple(p.shape),
+            )
+        check_same_device({"x": x, "p": p}, fn="gem")
+        p_t = p.to(_compute_dtype(x))
+        p_t = p_t[:, None, None] if p_t.ndim == 1 else p_t
+    else:
+        check_positive(float(p), name="p", fn="gem")
+        p_t = float(p)
+    dtype = _compute_dtype(x)
+    xp = x.to(dtype).clamp(min=eps).pow(p_t)
+    if mask is None:
+        pooled = xp.mean(dim=(-2, -1))
+    else:
+        m = mask[:, None].to(dtype)
+        pooled = (xp * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
+    inv = 1.0 / p_t if not isinstance(p_t, torch.Tensor) else (1.0 / p_t).reshape(-1)
+    return pooled.pow(inv).to(x.dtype)
+
+
+def rmac_grid(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
+    """The R-MAC region grid of Tolias et al. on a feature map of size ``height x width``.
+
+    Region 0 is the whole map (the global MAC term, as in cirtorch); then, for each level ``l = 1..levels``,
+    square regions of side ``floor(2 * min(H, W) / (l + 1))`` are laid out uniformly, ``l`` along the short
+    side and ``l + d`` along the long side, where ``d`` (0 for a square map) is chosen so that consecutive
+    level-1 regions overlap closest to ``overlap``. Each region covers exactly ``side`` cells (no off-by-one:
+    the last region ends at the map border). Regions are listed row-major within a level.
+
+    Args:
+        height: Feature-map height H (a Python int, so the grid is static under ``torch.compile``).
+        width: Feature-map width W.
+        levels: Number of scale levels L.
+        overlap: Target overlap between consecutive regions.
+
+    Returns:
+        A list of ``(y0, x0, h, w)`` boxes in feature-grid cells.
+
+    Example:
+        >>> len(rmac_grid(24, 32, levels=3))
+        21
+    """
+    if height <= 0 or width <= 0:
+        return []
+    boxes = [(0, 0, height, width)]
+    short = min(height, width)
+    extra_w = extra_h = 0
+    if height != width:
+        # Level-1 regions along the long side: 2..7, the count whose step b gives overlap 1 - b/short
+        # closest to ``overlap`` (first minimum wins). Plain Python: the grid is static under torch.compile.
+        errors = [abs(1 - (max(height, width) - short) / (n - 1) / short - overlap) for n in range(2, 8)]
+        idx = errors.index(min(errors))
+        if height < width:
+            extra_w = idx + 1
+        else:
+            extra_h = idx + 1
+    for level in range(1, levels + 1):
+        side = math.floor(2 * short / (level + 1))
+        if side == 0:
+            continue
+        half = math.floor(side / 2 - 1)
+
+        def starts(n: int, size: int, side: int = side, half: int = half) -> list[int]:
+            step = 0.0 if n == 1 else (size - side) / (n - 1)
+            return [math.floor(half + i * step) - half for i in range(n)]
+
+        for y0 in starts(level + extra_h, height):
+            for x0 in starts(level + extra_w, width):
+                boxes.append((y0, x0, side, side))
+    return boxes
+
+
+def _rmac_regions_static(x: torch.Tensor, levels: int) -> torch.Tensor:
+    boxes = rmac_grid(x.shape[-2], x.shape[-1], levels)
+    return torch.stack([x[..., y : y + h, xx : xx + w].amax(dim=(-2, -1)) for y, xx, h, w in boxes], dim=1)
+
+
+def _regions_and_mask(
+    x: torch.Tensor, levels: int, mask: torch.Tensor | None, fn: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_maps(x, mask, fn)
+    if levels < 1:
+        raise ValueError(f"{fn}(): levels must be >= 1; got {levels}.")
+    if mask is None:
+        regions = _rmac_regions_static(x, levels)
+        region_mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        heights = mask.any(dim=2).sum(dim=1)
+        widths = mask.any(dim=1).sum(dim=1)
+        sizes = torch.stack([heights, widths], dim=1)
+        rows = torch.arange(x.shape[2], device=x.device)
+        cols = torch.arange(x.shape[3], device=x.device)
+        rect = (rows[None, :, None] < heights[:, None, None]) & (cols[None, None, :] < widths[:, None, None])
+        if not torch.equal(rect, mask):
+            raise ValueError(
+                f"{fn}(): mask must be a top-left rectangle per image (padding bottom/right); "
+                "got another pattern."
+            )
+        uniq, inverse = torch.unique(sizes, dim=0, return_inverse=True)
+        groups = []
+        for g, (h, w) in enumerate(uniq.tolist()):
+            idx = torch.nonzero(inverse == g).flatten()
+            groups.append((idx, _rmac_regions_static(x[idx, :, :h, :w], levels)))
+        n_regions = max((r.shape[1] for _, r in groups), default=len(rmac_grid(x.shape[2], x.shape[3], levels)))
+        regions = x.new_zeros(x.shape[0], n_regions, x.shape[1])
+        region_mask = torch.zeros(x.shape[0], n_regions, dtype=torch.bool, device=x.device)
+        for idx, r in groups:
+            regions[idx, : r.shape[1]] = r
+            region_mask[idx, : r.shape[1]] = True
+    return regions, region_mask
+
+
+def rmac_regions(
+    x: torch.Tensor,
+    *,
+    levels: int = 3,
+    mask: torch.Tensor | None = None,
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Raw MAC vectors of the R-MAC regions (see :func:`rmac_grid`), one row per region.
+
+    Without ``mask`` every image shares the grid of ``x.shape`` (static, compile-friendly). With ``mask`` each
+    image gets the grid of its own valid ``h_i x w_i`` top-left rectangle (padding is bottom/right), so a padded
+    image has exactly the regions it would have alone; images with fewer regions are padded with zero rows whose
+    region-mask entry is False. That path reads the valid sizes to the host once per call (the grid is a
+    function of them) and is therefore exempt from ``fullgraph`` compilation.
+
+    Args:
+        x: Feature maps of shape :math:`(B, C, H, W)`.
+        levels: Number of R-MAC levels L (>= 1).
+        mask: Optional bool validity mask :math:`(B, H, W)`, a top-left rectangle per image.
+        return_mask: Also return the bool region mask :math:`(B, R)`.
+
+    Returns:
+        Region vectors :math:`(B, R, C)`, region 0 being the whole (valid) map, and, with ``return_mask=True``,
+        the region mask :math:`(B, R)`.
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D or ``mask`` does not match it.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        ValueError: If ``levels < 1`` or the mask is not a top-left rectangle.
+
+    Example:
+        >>> rmac_regions(torch.rand(2, 512, 24, 32)).shape
+        torch.Size([2, 21, 512])
+    """
+    regions, region_mask = _regions_and_mask(x, levels, mask, "rmac_regions")
+    return (regions, region_mask) if return_mask else regions
+
+
+def rmac(
+    x: torch.Tensor,
+    *,
+    levels: int = 3,
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Regional MAC: the sum of the L2-normalised MAC vectors of the R-MAC regions.
+
+    Tolias, Sicre and Jégou, ICLR 2016 (grid: :func:`rmac_grid`, L = 3, overlap 0.4, plus the global region as
+    in cirtorch). Regional PCA-whitening is left to :class:`deepagg.nn.Whiten` applied to
+    :func:`rmac_regions`.
+
+    Args:
+        x: Feature maps of shape :math:`(B, C, H, W)`.
+        levels: Number of levels L (>= 1).
+        eps: Added to each region vector's norm before dividing.
+        mask: Optional bool validity mask :math:`(B, H, W)` (a top-left rectangle per image).
+
+    Returns:
+        Raw R-MAC vectors of shape :math:`(B, C)`.
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D or ``mask`` does not match it.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        ValueError: If ``levels < 1`` or the mask is not a top-left rectangle.
+
+    Example:
+        >>> rmac(torch.rand(2, 512, 24, 32)).shape
+        torch.Size([2, 512])
+    """
+    regions, region_mask = _regions_and_mask(x, levels, mask, "rmac")
+    regions = regions / (regions.norm(dim=-1, keepdim=True) + eps)
+    return (regions * region_mask[..., None].to(regions.dtype)).sum(dim=1)
+
+
+def crow(
+    x: torch.Tensor,
+    *,
+    a: float = 2.0,
+    b: float = 2.0,
+    eps: float = 1e-12,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Cross-dimensional weighting (CroW): spatial and channel weights, then weighted sum pooling.
+
+    Kalantidis, Mellina and Osindero, "Cross-dimensional weighting for aggregated deep convolutional features",
+    ECCVW 2016. With :math:`S = \sum_c X_c` the channel-sum map, the spatial weight is
+    :math:`(S / \|S\|_a)^{1/b}` (the base clamped at ``eps`` before the power, and exactly 0 where
+    :math:`S = 0` or the mask is False), and the channel weight is the sparsity IDF
+    :math:`\log(\sum_k Q_k / Q_c)` with :math:`Q_c` the fraction of valid positions where channel c is
+    non-zero (weight 0 for a channel that is zero everywhere). The channel weight is piecewise constant in x, so
+    gradients flow through the spatial weight and the pooled features only.
+
+    Args:
+        x: Non-negative feature maps of shape :math:`(B, C, H, W)` (post-ReLU).
+        a: The spatial normalisation norm, > 0.
+        b: The spatial power root, > 0.
+        eps: Clamp floor of the spatial base.
+        mask: Optional bool validity mask :math:`(B, H, W)`.
+
+    Returns:
+        Raw CroW vectors of shape :math:`(B, C)`.
+
+    Raises:
+        ShapeError: If ``x`` is not 4-D or ``mask`` does not match it.
+        DTypeError: If ``x`` is not floating point or ``mask`` is not bool.
+        ValueError: If ``a`` or ``b`` is not positive.
+        RuntimeError: If an image's mask is empty.
+
+    Example:
+        >>> crow(torch.rand(2, 512, 24, 32)).shape
+        torch.Size([2, 512])
+    """
+    _check_maps(x, mask, "crow")
+    check_positive(a, name="a", fn="crow")
+    check_positive(b, name="b", fn="crow")
+    dtype = _compute_dtype(x)
+    xf = x.to(dtype)
+    valid = torch.ones_like(xf[:, 0], dtype=torch.bool) if mask is None else mask
+    xf = xf * valid[:, None].to(dtype)
+    s = xf.sum(dim=1)  # (B, H, W)
+    z = s.abs().pow(a).sum(dim=(-2, -1), keepdim=True).pow(1.0 / a)
+    base = (s / z.clamp(min=eps)).clamp(min=eps)
+    spatial = torch.where((s > 0) & valid, base.pow(1.0 / b), torch.zeros_like(s))
+    nonzero = ((xf != 0) & valid[:, None]).to(dtype).sum(dim=(-2, -1))  # (B, C)
+    q = nonzero / valid.to(dtype).sum(dim=(-2, -1))[:, None]
+    ratio = q.sum(dim=1, keepdim=True) / q.clamp(min=eps)
+    channel = torch.where(q > 0, torch.log(ratio), torch.zeros_like(q))
+    pooled = (xf * spatial[:, None]).sum(dim=(-2, -1))
+    return (pooled * channel).to(x.dtype)

@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: ``--device`` / ``--dtype`` options (kornia style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", action="store", default="cpu", help="cpu, cuda or all")
+    parser.addoption("--dtype", action="store", default="float32", help="float16,float32,float64, or all")
+
+
+def _devices(config: pytest.Config) -> list[str]:
+    opt = config.getoption("--device")
+    if opt == "all":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return opt.split(",")
+
+
+def _dtypes(config: pytest.Config) -> list[str]:
+    opt = config.getoption("--dtype")
+    if opt == "all":
+        return ["float16", "bfloat16", "float32", "float64"]
+    return opt.split(",")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", [torch.device(d) for d in _devices(metafunc.config)], ids=str)
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize("dtype", [_DTYPES[d] for d in _dtypes(metafunc.config)], ids=str)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
