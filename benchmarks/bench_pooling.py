@@ -47,10 +47,11 @@ def ref_masked_gem_loop(x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.
     return torch.stack([ref_gem_loop(x[i : i + 1, :, :h, :w])[0] for i, (h, w) in enumerate(sizes)])
 
 
-def _time(stmt, globs: dict, quick: bool) -> float:
-    timer = Timer(stmt=stmt, globals=globs)
+def _time(fn, quick: bool) -> tuple[float, float]:
+    """Median and IQR in ms (``blocked_autorange``; a few plain runs when ``quick``)."""
+    timer = Timer(stmt="f()", globals={"f": fn}, num_threads=torch.get_num_threads())
     m = timer.timeit(3) if quick else timer.blocked_autorange(min_run_time=1.0)
-    return m.median * 1e3
+    return m.median * 1e3, m.iqr * 1e3
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -71,14 +72,17 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for name, ours, ref in cases:
         diff = float((ours() - ref()).abs().max())
-        t_ours = _time("f()", {"f": ours}, quick)
-        t_ref = _time("f()", {"f": ref}, quick)
-        rows.append({"op": name, "shape": f"{b}x{c}x{h}x{w}", "deepagg_ms": t_ours, "reference_ms": t_ref,
-                     "speedup": t_ref / t_ours, "max_abs_diff": diff, "reference": "per-image loop"})
+        if not diff <= 1e-4:
+            raise RuntimeError(f"bench_pooling: {name}: deepagg and the reference disagree by {diff}")
+        ours_ms, ours_iqr = _time(ours, quick)
+        ref_ms, ref_iqr = _time(ref, quick)
+        rows.append({"bench": "pooling", "case": name, "shape": f"{b}x{c}x{h}x{w}", "ours_ms": ours_ms,
+                     "ours_iqr_ms": ours_iqr, "ref_ms": ref_ms, "ref_iqr_ms": ref_iqr, "ratio": ref_ms / ours_ms,
+                     "max_abs_diff": diff, "reference": "per-image loop (cirtorch-style)"})
     return rows
 
 
 if __name__ == "__main__":
-    from benchmarks.run import print_rows
+    from benchmarks.run import main
 
-    print_rows(run())
+    main(["--only", "bench_pooling"])
