@@ -1,0 +1,290 @@
+r"""Descriptor whitening: PCA-whitening with shrinkage, learned (supervised) whitening Lw, and its application.
+
+Fitting (:func:`pca_whitening`, :func:`learned_whitening`) returns a pair ``(mean, projection)`` with ``mean`` of
+shape :math:`(D,)` and ``projection`` of shape :math:`(d, D)`; :func:`whiten` applies it to descriptor rows as
+:math:`(x - \mu) P^\top`, the same as an ``nn.Linear`` with ``weight = P`` and ``bias = -P \mu``.
+
+Numerics of the fits (design.md 3.2, anchors.md 6.6):
+
+- Everything is computed in float64 and cast back to the dtype of ``x`` at the end.
+- Symmetric matrices are decomposed with :func:`torch.linalg.eigh` (never ``eig``, never an LU-based
+  ``solve``/``inv``, which is broken for batched inputs after ``torch.set_num_threads``; environment.md).
+- Eigenvalues are floored at ``eig_floor`` times the largest one before any negative power, so near-null
+  directions (rank-deficient covariances, e.g. ``N <= D``) are scaled by a bounded factor instead of exploding.
+- The sign of every eigenvector is fixed so that its largest-magnitude component (the first such, on ties) is
+  positive; a fit on the same data therefore always gives the same projection.
+- Covariances use the unbiased normalisation :math:`1/(N-1)` (as ``numpy.cov`` and scikit-learn's PCA), so
+  PCA-whitened training data has exactly the identity as its sample covariance (``shrinkage=1``).
+
+Fitting is exempt from ``torch.compile`` (it reads values to the host to validate them); :func:`whiten` is a
+plain dense tensor function and compiles with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepagg._checks import ShapeError, check_dtype, check_floating, check_same_device, check_shape
+
+__all__ = ["learned_whitening", "pca_whitening", "whiten"]
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_training_set(x: torch.Tensor, fn: str, in_dim: int | None, name: str) -> tuple[int, int]:
+    sizes = {"D": in_dim} if in_dim is not None else None
+    bound = check_shape(x, "N,D", name=name, fn=fn, sizes=sizes, hint="Pass descriptors as rows.")
+    check_floating(x, name=name, fn=fn)
+    n, d = bound["N"], bound["D"]
+    if n < 2:
+        raise ShapeError(
+            f"{fn}(): {name} must have at least 2 rows (N >= 2) to estimate a covariance; got shape {tuple(x.shape)}.",
+            expected="N >= 2",
+            actual=tuple(x.shape),
+        )
+    if d < 1:
+        raise ShapeError(
+            f"{fn}(): {name} must have at least 1 column (D >= 1); got shape {tuple(x.shape)}.",
+            expected="D >= 1",
+            actual=tuple(x.shape),
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}(): {name} must be finite; got NaN or infinite entries.")
+    return n, d
+
+
+def _check_dim(dim: int | None, d: int, fn: str) -> int:
+    if dim is None:
+        return d
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}(): dim must be an int or None; got {type(dim).__name__}.")
+    if not 1 <= dim <= d:
+        raise ValueError(f"{fn}(): dim must satisfy 1 <= dim <= D = {d}; got {dim}.")
+    return dim
+
+
+def _check_eig_floor(eig_floor: float, fn: str) -> None:
+    if not (isinstance(eig_floor, (int, float)) and 0.0 < float(eig_floor) < 1.0):
+        raise ValueError(f"{fn}(): eig_floor must be in (0, 1) (relative to the largest eigenvalue); got {eig_floor}.")
+
+
+def _sorted_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric float64 matrix, eigenvalues descending, signs fixed.
+
+    Returns ``(eigenvalues (D,), eigenvectors (D, D) as columns)``. The sign of each column is chosen so that its
+    largest-magnitude entry (the first one on ties) is positive.
+    """
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.flip(0)
+    evecs = evecs.flip(1)
+    pivot = evecs.abs().argmax(dim=0)
+    signs = torch.sign(evecs.gather(0, pivot[None]))
+    return evals, evecs * signs
+
+
+def _floored(evals: torch.Tensor, eig_floor: float, fn: str, what: str) -> torch.Tensor:
+    top = float(evals.max())
+    if top <= 0.0:
+        raise ValueError(
+            f"{fn}(): the {what} is zero (largest eigenvalue {top:.3g}); the training descriptors must not all be "
+            "equal."
+        )
+    return evals.clamp(min=eig_floor * top)
+
+
+def _covariance(xc: torch.Tensor) -> torch.Tensor:
+    return xc.T @ xc / (xc.shape[0] - 1)
+
+
+def _pca_whitening64(
+    x: torch.Tensor,
+    dim: int | None,
+    shrinkage: float,
+    eig_floor: float,
+    fn: str,
+    in_dim: int | None = None,
+    name: str = "x",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, d = _check_training_set(x, fn, in_dim, name)
+    dim = _check_dim(dim, d, fn)
+    if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
+        raise ValueError(f"{fn}(): shrinkage must be a finite number >= 0 (1 = full whitening); got {shrinkage}.")
+    _check_eig_floor(eig_floor, fn)
+    x64 = x.detach().to(torch.float64)
+    mean = x64.mean(dim=0)
+    evals, evecs = _sorted_eigh(_covariance(x64 - mean))
+    scale = _floored(evals, eig_floor, fn, "covariance of x").pow(-0.5 * shrinkage)
+    projection = scale[:dim, None] * evecs[:, :dim].T
+    return mean, projection
+
+
+def _learned_whitening64(
+    x: torch.Tensor,
+    pos_pairs: torch.Tensor,
+    dim: int | None,
+    eig_floor: float,
+    fn: str,
+    in_dim: int | None = None,
+    name: str = "x",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = _check_training_set(x, fn, in_dim, name)
+    dim = _check_dim(dim, d, fn)
+    _check_eig_floor(eig_floor, fn)
+    check_shape(pos_pairs, "P,2", name="pos_pairs", fn=fn, hint="Pass (P, 2) row indices of matching pairs.")
+    check_dtype(pos_pairs, _INDEX_DTYPES, name="pos_pairs", fn=fn)
+    check_same_device({name: x, "pos_pairs": pos_pairs}, fn=fn)
+    if pos_pairs.shape[0] < 1:
+        raise ShapeError(
+            f"{fn}(): pos_pairs must hold at least one pair (P >= 1); got shape {tuple(pos_pairs.shape)}.",
+            expected="P >= 1",
+            actual=tuple(pos_pairs.shape),
+        )
+    lo, hi = int(pos_pairs.min()), int(pos_pairs.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{fn}(): pos_pairs must index rows of {name} in [0, {n - 1}]; got values in [{lo}, {hi}].")
+    x64 = x.detach().to(torch.float64)
+    pairs = pos_pairs.to(torch.int64)
+    diff = x64[pairs[:, 0]] - x64[pairs[:, 1]]
+    # Intra-class covariance of matching-pair differences, and its symmetric inverse square root.
+    cov_s = diff.T @ diff / diff.shape[0]
+    evals_s, evecs_s = _sorted_eigh(cov_s)
+    inv_sqrt = _floored(evals_s, eig_floor, fn, "covariance of the pair differences").rsqrt()
+    p1 = (evecs_s * inv_sqrt) @ evecs_s.T
+    # Rotation onto the principal directions of the P1-whitened training data (no second scaling).
+    mean = x64.mean(dim=0)
+    _, evecs = _sorted_eigh(_covariance((x64 - mean) @ p1))
+    projection = evecs[:, :dim].T @ p1
+    return mean, projection
+
+
+def pca_whitening(
+    x: torch.Tensor,
+    *,
+    dim: int | None = None,
+    shrinkage: float = 1.0,
+    eig_floor: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Fit PCA-whitening with shrinkage on descriptor rows.
+
+    Unsupervised PCA-whitening (Jégou and Chum, ECCV 2012; shrinkage as in HOW, Tolias et al., ECCV 2020). With
+    :math:`\mu` the mean of the rows, :math:`C = \frac{1}{N-1}\sum_i (x_i - \mu)(x_i - \mu)^\top = V \Lambda V^\top`
+    (eigenvalues descending), and :math:`\tilde\lambda_j = \max(\lambda_j, \text{eig\_floor}\cdot\lambda_1)`,
+    the projection is :math:`P = \mathrm{diag}(\tilde\lambda_{1..d}^{-s/2}) V_{:, 1..d}^\top`. ``shrinkage`` s = 1
+    is full whitening (the whitened training rows have identity covariance), s = 0 is the PCA rotation only, and
+    values in between shrink the large eigenvalues less. Eigenvector signs are fixed (largest-magnitude component
+    positive). Computed in float64; returned in the dtype of ``x``. Not compiled (fitting).
+
+    Args:
+        x: Training descriptors of shape :math:`(N, D)`, N >= 2 (use a set disjoint from the test set). With
+            N - 1 < D the covariance is rank-deficient and its null directions get the floored scale; prefer
+            ``dim <= N - 1`` then.
+        dim: Output dimension d, ``1 <= d <= D``; ``None`` keeps all D.
+        shrinkage: The exponent s >= 0 of the eigenvalue scaling :math:`\lambda^{-s/2}`.
+        eig_floor: Eigenvalues are floored at ``eig_floor`` times the largest, in (0, 1).
+
+    Returns:
+        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, for :func:`whiten`.
+
+    Raises:
+        ShapeError: If ``x`` is not 2-D, or has fewer than 2 rows or no column.
+        DTypeError: If ``x`` is not floating point.
+        TypeError: If ``dim`` is not an int.
+        ValueError: If ``dim``, ``shrinkage`` or ``eig_floor`` is out of range, ``x`` is not finite, or its
+            covariance is zero.
+
+    Example:
+        >>> mean, proj = pca_whitening(torch.randn(100, 16), dim=8)
+        >>> mean.shape, proj.shape
+        (torch.Size([16]), torch.Size([8, 16]))
+    """
+    mean, projection = _pca_whitening64(x, dim, shrinkage, eig_floor, "pca_whitening")
+    return mean.to(x.dtype), projection.to(x.dtype)
+
+
+def learned_whitening(
+    x: torch.Tensor,
+    pos_pairs: torch.Tensor,
+    *,
+    dim: int | None = None,
+    eig_floor: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Fit the supervised learned whitening Lw from matching pairs.
+
+    Mikolajczyk and Matas, ICCV 2007, as used by Radenović, Tolias and Chum (TPAMI 2018). With the intra-class
+    covariance of the matching-pair differences :math:`C_S = \frac{1}{P}\sum_{(i,j)} (x_i - x_j)(x_i - x_j)^\top`
+    (no centring) and its symmetric inverse square root :math:`P_1 = C_S^{-1/2}` (by ``eigh``, eigenvalues floored
+    at ``eig_floor`` times the largest), the training rows are centred by their mean :math:`\mu`, whitened by
+    :math:`P_1`, and rotated onto the eigenvectors :math:`V` (descending, signs fixed) of their covariance:
+    :math:`P = V_{:, 1..d}^\top P_1`. The second step is a rotation only, so the pair differences have identity
+    covariance after the projection, :math:`P C_S P^\top = I_d`, when :math:`C_S` is full rank. Computed in
+    float64; returned in the dtype of ``x``. Not compiled (fitting).
+
+    Args:
+        x: Training descriptors of shape :math:`(N, D)`, N >= 2.
+        pos_pairs: Matching pairs as int64 (or int32) row indices into ``x``, of shape :math:`(P, 2)`, P >= 1.
+            :math:`C_S` is full rank only for P >= D linearly independent differences; otherwise the floored
+            directions are amplified by up to :math:`\text{eig\_floor}^{-1/2}` relative to the strongest one
+            (raise ``eig_floor``, e.g. to 1e-4, or add pairs).
+        dim: Output dimension d, ``1 <= d <= D``; ``None`` keeps all D.
+        eig_floor: Eigenvalues of :math:`C_S` are floored at ``eig_floor`` times the largest, in (0, 1).
+
+    Returns:
+        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, for :func:`whiten`.
+
+    Raises:
+        ShapeError: If ``x`` is not 2-D with N >= 2, or ``pos_pairs`` is not :math:`(P, 2)` with P >= 1.
+        DTypeError: If ``x`` is not floating point or ``pos_pairs`` not int64/int32.
+        DeviceError: If ``pos_pairs`` is not on the device of ``x``.
+        TypeError: If ``dim`` is not an int.
+        ValueError: If ``dim`` or ``eig_floor`` is out of range, ``x`` is not finite, an index is out of range, or
+            all pair differences are zero.
+
+    Example:
+        >>> x = torch.randn(60, 8)
+        >>> pairs = torch.stack([torch.arange(0, 60, 2), torch.arange(1, 60, 2)], dim=1)
+        >>> mean, proj = learned_whitening(x, pairs, dim=4)
+        >>> mean.shape, proj.shape
+        (torch.Size([8]), torch.Size([4, 8]))
+    """
+    mean, projection = _learned_whitening64(x, pos_pairs, dim, eig_floor, "learned_whitening")
+    return mean.to(x.dtype), projection.to(x.dtype)
+
+
+def whiten(x: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    r"""Apply a whitening: :math:`(x - \mu) P^\top`.
+
+    The result is **not** re-normalised (:class:`deepagg.nn.Whiten` L2-normalises it; do the same with
+    :func:`deepagg.functional.l2n` when using this function for retrieval). Computed in at least float32 (and in
+    the widest dtype of the three inputs), returned in the dtype of ``x``; differentiable in all three inputs.
+
+    Args:
+        x: Descriptors of shape :math:`(B, D)`; B = 0 works.
+        mean: The training mean :math:`\mu` of shape :math:`(D,)`.
+        projection: The projection :math:`P` of shape :math:`(d, D)`.
+
+    Returns:
+        Whitened descriptors of shape :math:`(B, d)`, in the dtype of ``x``.
+
+    Raises:
+        ShapeError: If the shapes do not match.
+        DTypeError: If an input is not floating point.
+        DeviceError: If the inputs are on different devices.
+
+    Example:
+        >>> mean, proj = pca_whitening(torch.randn(100, 16), dim=8)
+        >>> whiten(torch.randn(5, 16), mean, proj).shape
+        torch.Size([5, 8])
+    """
+    bound = check_shape(x, "B,D", name="x", fn="whiten", hint="Pass descriptors as rows.")
+    check_shape(mean, "D", name="mean", fn="whiten", sizes={"D": bound["D"]})
+    check_shape(projection, "d,D", name="projection", fn="whiten", sizes={"D": bound["D"]})
+    for name, t in (("x", x), ("mean", mean), ("projection", projection)):
+        check_floating(t, name=name, fn="whiten")
+    check_same_device({"x": x, "mean": mean, "projection": projection}, fn="whiten")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), projection.dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
+    out = (x.to(dtype) - mean.to(dtype)) @ projection.to(dtype).T
+    return out.to(x.dtype)

@@ -1,0 +1,191 @@
+"""Whitening module: a fitted affine projection of descriptors followed by L2 normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepagg.functional.normalize import l2n
+from deepagg.functional.whitening import _learned_whitening64, _pca_whitening64, whiten
+
+__all__ = ["Whiten"]
+
+
+class Whiten(nn.Module):
+    r"""Whitening of global descriptors: :math:`\mathrm{l2n}((x - \mu) P^\top)`, fitted by PCA or Lw.
+
+    Fit it once with :meth:`fit_pca` (unsupervised PCA-whitening with shrinkage) or :meth:`fit_learned`
+    (Radenović's supervised learned whitening Lw from matching pairs), on training descriptors disjoint from the
+    test set; both return ``self``. The fit is stored in the buffers ``mean`` :math:`(in\_dim,)`,
+    ``projection`` :math:`(out\_dim, in\_dim)` and ``fitted`` (a bool scalar), so it is saved and restored by
+    ``state_dict`` / ``load_state_dict``. With ``out_dim < in_dim`` the projection keeps the leading
+    ``out_dim`` directions (dimensionality reduction). The module behaves as an ``nn.Linear`` with
+    ``weight = projection`` and ``bias = -projection @ mean`` followed by L2 normalisation (:attr:`weight`,
+    :attr:`bias`, :meth:`as_linear`). Fitting is exempt from ``torch.compile``; ``forward`` compiles with
+    ``fullgraph=True``.
+
+    See :func:`deepagg.functional.whiten`, :func:`deepagg.functional.pca_whitening` and
+    :func:`deepagg.functional.learned_whitening`.
+
+    Args:
+        in_dim: Input descriptor dimension D >= 1.
+        out_dim: Output dimension d, ``1 <= d <= in_dim``; ``None`` means ``in_dim``.
+        device: Device of the buffers.
+        dtype: Floating dtype of ``mean`` and ``projection``.
+
+    Raises:
+        ValueError: If ``in_dim`` or ``out_dim`` is out of range.
+
+    Shape:
+        - Input: :math:`(B, in\_dim)`.
+        - Output: :math:`(B, out\_dim)`, L2-normalised rows, in the input dtype.
+
+    Example:
+        >>> w = Whiten(16, 8).fit_pca(torch.randn(100, 16))
+        >>> w(torch.randn(5, 16)).shape
+        torch.Size([5, 8])
+    """
+
+    mean: torch.Tensor
+    projection: torch.Tensor
+    fitted: torch.Tensor
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+            raise ValueError(f"Whiten(): in_dim must be an int >= 1; got {in_dim!r}.")
+        if out_dim is None:
+            out_dim = in_dim
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or not 1 <= out_dim <= in_dim:
+            raise ValueError(
+                f"Whiten(): out_dim must be an int with 1 <= out_dim <= in_dim = {in_dim}; got {out_dim!r}."
+            )
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"Whiten(): dtype must be a floating dtype; got {dtype}.")
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.register_buffer("mean", torch.zeros(in_dim, **dd))
+        self.register_buffer("projection", torch.eye(out_dim, in_dim, **dd))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        # Python mirror of the ``fitted`` buffer: forward checks it without a host sync or a graph break.
+        self._fitted = False
+        self.register_load_state_dict_post_hook(_sync_fitted)
+
+    def _resolve_dim(self, dim: int | None, fn: str) -> int:
+        if dim is None:
+            return self.out_dim
+        if dim != self.out_dim:
+            raise ValueError(
+                f"{fn}(): dim must equal out_dim = {self.out_dim} (or be None); got {dim!r}. "
+                f"Build Whiten({self.in_dim}, out_dim={dim!r}) for another output size."
+            )
+        return dim
+
+    @torch.no_grad()
+    def _store(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.projection.copy_(projection)
+        self.fitted.fill_(True)
+        self._fitted = True
+
+    def fit_pca(
+        self, X: torch.Tensor, dim: int | None = None, shrinkage: float = 1.0, *, eig_floor: float = 1e-10
+    ) -> Whiten:
+        r"""Fit PCA-whitening with shrinkage on training descriptors (see :func:`deepagg.functional.pca_whitening`).
+
+        Args:
+            X: Training descriptors of shape :math:`(N, in\_dim)`, N >= 2.
+            dim: ``None`` or ``out_dim`` (the output size is fixed at construction).
+            shrinkage: Eigenvalue exponent s >= 0: 1 = full whitening, 0 = PCA rotation only.
+            eig_floor: Relative eigenvalue floor in (0, 1).
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            ShapeError: If ``X`` is not :math:`(N, in\_dim)` with N >= 2.
+            DTypeError: If ``X`` is not floating point.
+            ValueError: If ``dim != out_dim``, or as :func:`deepagg.functional.pca_whitening`.
+        """
+        dim = self._resolve_dim(dim, "Whiten.fit_pca")
+        self._store(*_pca_whitening64(X, dim, shrinkage, eig_floor, "Whiten.fit_pca", self.in_dim, "X"))
+        return self
+
+    def fit_learned(
+        self, X: torch.Tensor, pos_pairs: torch.Tensor, dim: int | None = None, *, eig_floor: float = 1e-10
+    ) -> Whiten:
+        r"""Fit the learned whitening Lw from matching pairs (see :func:`deepagg.functional.learned_whitening`).
+
+        Args:
+            X: Training descriptors of shape :math:`(N, in\_dim)`, N >= 2.
+            pos_pairs: Matching pairs, int64 row indices into ``X`` of shape :math:`(P, 2)`.
+            dim: ``None`` or ``out_dim`` (the output size is fixed at construction).
+            eig_floor: Relative eigenvalue floor in (0, 1).
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            ShapeError: If ``X`` is not :math:`(N, in\_dim)` or ``pos_pairs`` not :math:`(P, 2)`.
+            DTypeError: If ``X`` is not floating point or ``pos_pairs`` not integer.
+            ValueError: If ``dim != out_dim``, or as :func:`deepagg.functional.learned_whitening`.
+        """
+        dim = self._resolve_dim(dim, "Whiten.fit_learned")
+        self._store(*_learned_whitening64(X, pos_pairs, dim, eig_floor, "Whiten.fit_learned", self.in_dim, "X"))
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``nn.Linear`` weight equivalent to the whitening: ``projection``, of shape ``(out_dim, in_dim)``."""
+        return self.projection
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The ``nn.Linear`` bias equivalent to the whitening: ``-projection @ mean``, of shape ``(out_dim,)``."""
+        return -(self.projection @ self.mean)
+
+    def as_linear(self) -> nn.Linear:
+        """A new ``nn.Linear(in_dim, out_dim)`` initialised to the fitted whitening (without the L2 normalisation).
+
+        Use it as a trainable whitening layer to fine-tune (cirtorch-style). Its parameters are copies.
+
+        Raises:
+            RuntimeError: If the module has not been fitted.
+        """
+        self._require_fitted()
+        layer = nn.Linear(self.in_dim, self.out_dim, device=self.mean.device, dtype=self.mean.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            layer.bias.copy_(self.bias)
+        return layer
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(
+                "Whiten: the whitening is not fitted; call fit_pca(X) or fit_learned(X, pos_pairs) first "
+                "(or load_state_dict from a fitted Whiten)."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Whiten and L2-normalise descriptors ``x`` of shape :math:`(B, in\_dim)`."""
+        self._require_fitted()
+        return l2n(whiten(x, self.mean, self.projection))
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, fitted={self._fitted}"
+
+
+def _sync_fitted(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``, mirror the loaded ``fitted`` buffer into the Python flag."""
+    if isinstance(module, Whiten) and module.fitted.device.type != "meta":
+        module._fitted = bool(module.fitted)
