@@ -1,6 +1,31 @@
-"""deepagg: batched, differentiable image-retrieval aggregation layers and re-rankers for PyTorch."""
+"""deepagg: batched, differentiable image-retrieval aggregation layers and re-rankers for PyTorch.
+
+Modules are re-exported at the top level (``from deepagg import GeM``); the functions live in
+:mod:`deepagg.functional`, the backbones in :mod:`deepagg.backbones`, the evaluation in :mod:`deepagg.metrics`.
+"""
 
 from deepagg import backbones, functional, metrics, nn
-from deepagg.nn import *  # noqa: F403
+from deepagg.metrics import compute_map, evaluate_revisited
+from deepagg.nn import DBA, L2N, MAC, RMAC, CroW, GeM, PowerNorm, QueryExpansion, SPoC, Whiten
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DBA",
+    "L2N",
+    "MAC",
+    "RMAC",
+    "CroW",
+    "GeM",
+    "PowerNorm",
+    "QueryExpansion",
+    "SPoC",
+    "Whiten",
+    "__version__",
+    "backbones",
+    "compute_map",
+    "evaluate_revisited",
+    "functional",
+    "metrics",
+    "nn",
+]

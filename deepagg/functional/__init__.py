@@ -1,6 +1,23 @@
 """Pure, batched tensor functions: one per op, no state (see :mod:`deepagg.nn` for the modules)."""
 
-from deepagg.functional.normalize import *  # noqa: F403
-from deepagg.functional.pooling import *  # noqa: F403
-from deepagg.functional.qe import *  # noqa: F403
-from deepagg.functional.whitening import *  # noqa: F403
+from deepagg.functional.normalize import l2n, power_norm
+from deepagg.functional.pooling import crow, gem, mac, rmac, rmac_grid, rmac_regions, spoc
+from deepagg.functional.qe import dba, query_expansion
+from deepagg.functional.whitening import learned_whitening, pca_whitening, whiten
+
+__all__ = [
+    "crow",
+    "dba",
+    "gem",
+    "l2n",
+    "learned_whitening",
+    "mac",
+    "pca_whitening",
+    "power_norm",
+    "query_expansion",
+    "rmac",
+    "rmac_grid",
+    "rmac_regions",
+    "spoc",
+    "whiten",
+]

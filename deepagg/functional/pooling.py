@@ -147,19 +147,20 @@ def gem(
                 actual=tuple(p.shape),
             )
         check_same_device({"x": x, "p": p}, fn="gem")
-        p_t = p.to(_compute_dtype(x))
-        p_t = p_t[:, None, None] if p_t.ndim == 1 else p_t
+        p_vec = p.to(_compute_dtype(x)).reshape(-1)  # (1,) or (C,)
+        p_map: torch.Tensor | float = p_vec[:, None, None]
+        inv: torch.Tensor | float = 1.0 / p_vec
     else:
         check_positive(float(p), name="p", fn="gem")
-        p_t = float(p)
+        p_map = float(p)
+        inv = 1.0 / float(p)
     dtype = _compute_dtype(x)
-    xp = x.to(dtype).clamp(min=eps).pow(p_t)
+    xp = x.to(dtype).clamp(min=eps).pow(p_map)
     if mask is None:
         pooled = xp.mean(dim=(-2, -1))
     else:
         m = mask[:, None].to(dtype)
         pooled = (xp * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
-    inv = 1.0 / p_t if not isinstance(p_t, torch.Tensor) else (1.0 / p_t).reshape(-1)
     return pooled.pow(inv).to(x.dtype)
 
 

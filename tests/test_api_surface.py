@@ -1,0 +1,40 @@
+"""The public names: fail loudly when one disappears (kornia's test_api_surface)."""
+
+from __future__ import annotations
+
+import pytest
+
+import deepagg
+from deepagg import functional, nn
+
+FUNCTIONAL = ["crow", "dba", "gem", "l2n", "learned_whitening", "mac", "pca_whitening", "power_norm",
+              "query_expansion", "rmac", "rmac_grid", "rmac_regions", "spoc", "whiten"]
+MODULES = ["DBA", "L2N", "MAC", "RMAC", "CroW", "GeM", "PowerNorm", "QueryExpansion", "SPoC", "Whiten"]
+
+
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_functional_names(name: str) -> None:
+    assert name in functional.__all__
+    assert callable(getattr(functional, name))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_names_top_level(name: str) -> None:
+    assert name in nn.__all__
+    assert name in deepagg.__all__
+    assert getattr(deepagg, name) is getattr(nn, name)
+    assert issubclass(getattr(deepagg, name), __import__("torch").nn.Module)
+
+
+def test_other_public_names() -> None:
+    assert callable(deepagg.backbones.vgg16)
+    assert callable(deepagg.backbones.mobilenet_v2)
+    assert deepagg.compute_map is deepagg.metrics.compute_map
+    assert deepagg.evaluate_revisited is deepagg.metrics.evaluate_revisited
+    assert isinstance(deepagg.__version__, str)
+
+
+def test_all_is_complete() -> None:
+    for mod in (deepagg, functional, nn):
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__}.__all__ lists {name} but it is missing"
