@@ -76,9 +76,20 @@ def run(quick: bool = False) -> list[dict]:
             raise RuntimeError(f"bench_pooling: {name}: deepagg and the reference disagree by {diff}")
         ours_ms, ours_iqr = _time(ours, quick)
         ref_ms, ref_iqr = _time(ref, quick)
-        rows.append({"bench": "pooling", "case": name, "shape": f"{b}x{c}x{h}x{w}", "ours_ms": ours_ms,
-                     "ours_iqr_ms": ours_iqr, "ref_ms": ref_ms, "ref_iqr_ms": ref_iqr, "ratio": ref_ms / ours_ms,
-                     "max_abs_diff": diff, "reference": "per-image loop (cirtorch-style)"})
+        rows.append(
+            {
+                "bench": "pooling",
+                "case": name,
+                "shape": f"{b}x{c}x{h}x{w}",
+                "ours_ms": ours_ms,
+                "ours_iqr_ms": ours_iqr,
+                "ref_ms": ref_ms,
+                "ref_iqr_ms": ref_iqr,
+                "ratio": ref_ms / ours_ms,
+                "max_abs_diff": diff,
+                "reference": "per-image loop (cirtorch-style)",
+            }
+        )
     return rows
 
 

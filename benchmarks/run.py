@@ -23,9 +23,11 @@ def print_rows(rows: list[dict]) -> None:
     print("| bench | case | shape | deepagg ms (IQR) | reference ms (IQR) | ratio | max abs diff | reference |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['bench']} | {r['case']} | {r['shape']} | {r['ours_ms']:.2f} ({r['ours_iqr_ms']:.2f}) | "
-              f"{r['ref_ms']:.2f} ({r['ref_iqr_ms']:.2f}) | {r['ratio']:.1f}x | {r['max_abs_diff']:.1e} | "
-              f"{r['reference']} |")
+        print(
+            f"| {r['bench']} | {r['case']} | {r['shape']} | {r['ours_ms']:.2f} ({r['ours_iqr_ms']:.2f}) | "
+            f"{r['ref_ms']:.2f} ({r['ref_iqr_ms']:.2f}) | {r['ratio']:.1f}x | {r['max_abs_diff']:.1e} | "
+            f"{r['reference']} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -42,9 +44,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += module.run(quick=args.quick)
     print_rows(rows)
     if args.json:
-        meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-                "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
-                "threads": torch.get_num_threads(), "quick": args.quick}
+        meta = {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+        }
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         os.replace(tmp, args.json)

@@ -26,8 +26,13 @@ from deepagg import backbones
 from deepagg.metrics import compute_map
 
 PHOTOS = {
-    "skimage": ["data/astronaut.png", "data/chelsea.png", "data/coffee.png", "data/rocket.jpg",
-                "data/motorcycle_left.png"],
+    "skimage": [
+        "data/astronaut.png",
+        "data/chelsea.png",
+        "data/coffee.png",
+        "data/rocket.jpg",
+        "data/motorcycle_left.png",
+    ],
     "sklearn": ["datasets/images/china.jpg", "datasets/images/flower.jpg"],
 }
 PARTNER = ("skimage", "data/motorcycle_right.png", "motorcycle_left")
@@ -128,12 +133,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     q_maps, q_mask = extract(net, [resize_max_side(im, args.max_side) for im in queries], stride)
     db_maps, db_mask = extract(net, [resize_max_side(im, args.max_side) for im in database], stride)
     t_extract = time.perf_counter() - t0
-    print(f"{len(queries)} queries, {len(database)} database images, {args.backbone} at max side {args.max_side}: "
-          f"features in {t_extract:.1f} s")
+    print(
+        f"{len(queries)} queries, {len(database)} database images, {args.backbone} at max side {args.max_side}: "
+        f"features in {t_extract:.1f} s"
+    )
 
     results = {}
-    pools = {"MAC": deepagg.MAC(), "SPoC": deepagg.SPoC(), "GeM": deepagg.GeM(learnable=False),
-             "R-MAC": deepagg.RMAC(), "CroW": deepagg.CroW()}
+    pools = {
+        "MAC": deepagg.MAC(),
+        "SPoC": deepagg.SPoC(),
+        "GeM": deepagg.GeM(learnable=False),
+        "R-MAC": deepagg.RMAC(),
+        "CroW": deepagg.CroW(),
+    }
     print(f"{'pooling':<8} {'mAP':>6} {'mP@1':>6} {'mP@5':>6}")
     for label, pool in pools.items():
         q = pool(q_maps, q_mask)

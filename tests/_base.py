@@ -18,12 +18,23 @@ class BaseTester:
     """Base class of the per-op test classes; the standard method names are listed in house-style.md 8."""
 
     @staticmethod
-    def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | None = None,
-                     atol: float | None = None, **kwargs: Any) -> None:
+    def assert_close(
+        actual: torch.Tensor,
+        expected: torch.Tensor,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         dtype = actual.dtype if actual.is_floating_point() else torch.float64
         r, a = TOLERANCES.get(dtype, (1e-5, 1e-8))
-        torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=r if rtol is None else rtol,
-                                   atol=a if atol is None else atol, **kwargs)
+        torch.testing.assert_close(
+            actual,
+            expected.to(actual.dtype),
+            rtol=r if rtol is None else rtol,
+            atol=a if atol is None else atol,
+            **kwargs,
+        )
 
     @staticmethod
     def gradcheck(fn: Any, inputs: tuple[Any, ...], **kwargs: Any) -> bool:

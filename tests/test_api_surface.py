@@ -7,8 +7,22 @@ import pytest
 import deepagg
 from deepagg import functional, nn
 
-FUNCTIONAL = ["crow", "dba", "gem", "l2n", "learned_whitening", "mac", "pca_whitening", "power_norm",
-              "query_expansion", "rmac", "rmac_grid", "rmac_regions", "spoc", "whiten"]
+FUNCTIONAL = [
+    "crow",
+    "dba",
+    "gem",
+    "l2n",
+    "learned_whitening",
+    "mac",
+    "pca_whitening",
+    "power_norm",
+    "query_expansion",
+    "rmac",
+    "rmac_grid",
+    "rmac_regions",
+    "spoc",
+    "whiten",
+]
 MODULES = ["DBA", "L2N", "MAC", "RMAC", "CroW", "GeM", "PowerNorm", "QueryExpansion", "SPoC", "Whiten"]
 
 

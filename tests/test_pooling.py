@@ -33,8 +33,9 @@ def ref_mac(img: torch.Tensor) -> torch.Tensor:
 
 def ref_spoc(img: torch.Tensor) -> torch.Tensor:
     c, h, w = img.shape
-    return torch.tensor([sum(float(img[k, i, j]) for i, j in _positions(h, w)) / (h * w) for k in range(c)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [sum(float(img[k, i, j]) for i, j in _positions(h, w)) / (h * w) for k in range(c)], dtype=torch.float64
+    )
 
 
 def ref_gem(img: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
@@ -248,8 +249,10 @@ class TestGeM(BaseTester):
         p = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
         out = F.gem(x, p)
         for k in range(3):
-            self.assert_close(out[:, k], _batched_ref(PoolSpec("g", F.gem, deepagg.GeM,
-                                                               lambda im, pk=float(p[k]): ref_gem(im, pk)), x)[:, k])
+            self.assert_close(
+                out[:, k],
+                _batched_ref(PoolSpec("g", F.gem, deepagg.GeM, lambda im, pk=float(p[k]): ref_gem(im, pk)), x)[:, k],
+            )
 
     def test_learnable_parameter_and_buffer(self) -> None:
         learn = deepagg.GeM(p=3.0)

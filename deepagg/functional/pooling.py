@@ -239,8 +239,7 @@ def _regions_and_mask(
         rect = (rows[None, :, None] < heights[:, None, None]) & (cols[None, None, :] < widths[:, None, None])
         if not torch.equal(rect, mask):
             raise ValueError(
-                f"{fn}(): mask must be a top-left rectangle per image (padding bottom/right); "
-                "got another pattern."
+                f"{fn}(): mask must be a top-left rectangle per image (padding bottom/right); got another pattern."
             )
         uniq, inverse = torch.unique(sizes, dim=0, return_inverse=True)
         groups = []
