@@ -380,3 +380,16 @@ def test_positive_pairs_index_queries_after_database() -> None:
         },
     )()
     assert app.positive_pairs(ds).tolist() == [[4, 1], [4, 2]]
+
+
+def test_summarize_collects_runs(fake_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_apps import summarize
+
+    _run(["whiten=none", "pool=mac"], fake_root, "runs/mac")
+    _run(["whiten=none", "pool=spoc"], fake_root, "runs/spoc")
+    text = summarize.main([str(fake_root / "runs")])
+    lines = text.splitlines()
+    assert lines[0] == "| dataset | backbone | pooling | whitening | re-ranking | Medium mAP | Hard mAP |"
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["MAC", "SPoC"]
+    with pytest.raises(SystemExit, match="no results.json below"):
+        summarize.main([str(fake_root / "nothing")])

@@ -1,0 +1,72 @@
+"""Collect the ``results.json`` of many runs into one Markdown table: ``python -m lightning_apps.summarize DIR``.
+
+Typical use, a Hydra multirun over pooling x whitening x backbone, then one table::
+
+    python -m lightning_apps.eval -m backbone=vgg16,mobilenet_v2 pool=mac,spoc,gem,rmac,crow whiten=none,learned \
+        hydra.sweep.dir=multirun/table
+    python -m lightning_apps.summarize multirun/table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["collect", "main", "table"]
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Every ``results.json`` below ``root``, sorted by dataset, backbone, pool, whitening and re-ranking."""
+    runs = []
+    for path in sorted(Path(root).rglob("results.json")):
+        payload = json.loads(path.read_text())
+        runs.append({"path": path, **payload})
+    return sorted(
+        runs, key=lambda r: tuple(str(r["meta"].get(k)) for k in ("dataset", "backbone", "pool", "whiten", "rerank"))
+    )
+
+
+def _short(target: str) -> str:
+    return str(target).rsplit(".", 1)[-1]
+
+
+def table(runs: list[dict[str, Any]], setups: tuple[str, ...] = ("medium", "hard")) -> str:
+    """Markdown rows: backbone, pooling, whitening, re-ranking, then mAP per setup (x100)."""
+    head = (
+        "| dataset | backbone | pooling | whitening | re-ranking | "
+        + " | ".join(f"{s.capitalize()} mAP" for s in setups)
+        + " |"
+    )
+    lines = [head, "|---|---|---|---|---|" + "---:|" * len(setups)]
+    for r in runs:
+        m = r["meta"]
+        res = r["results"]
+        cells = []
+        for s in setups:
+            v = res.get(s, res).get("map")
+            cells.append("n/a" if v is None else f"{100 * v:.2f}")
+        lines.append(
+            f"| {m['dataset']} | {_short(m['backbone'])} | {_short(m['pool'])} | {m['whiten']} | "
+            f"{_short(m['rerank'])} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print the table of every run below the given folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--setups", nargs="+", default=["medium", "hard"])
+    args = parser.parse_args(argv)
+    runs = collect(args.root)
+    if not runs:
+        raise SystemExit(f"summarize: no results.json below {args.root}")
+    text = table(runs, tuple(args.setups))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
