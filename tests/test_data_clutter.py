@@ -1,0 +1,397 @@
+"""Tests of the embedded ``clutter`` benchmark builder and its Debian sources.
+
+Tests marked ``debian`` need the Debian packages (``apt-get download``, cached in ``$DEEPAGG_CACHE/debian``
+or ``~/.cache/deepagg/debian`` across sessions, so a rerun is fast); they are skipped where apt-get is not on
+PATH and the cache is not already filled. The others run anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepagg.data import RetrievalDataset, build_clutter, ensure_clutter, fetch_debs, load_gnd, read_gnd_file
+from deepagg.data import clutter as clutter_mod
+from deepagg.data import sources as sources_mod
+from deepagg.data.clutter import BUILDER_VERSION, THRESHOLDS, VARIANTS, ViewThresholds, classify_view
+from deepagg.data.sources import PACKAGES, DebianSourceError, default_cache_dir
+
+NAME = "clutter_tiny"
+
+
+# --------------------------------------------------------------------------------------------- no Debian needed
+
+
+class TestClassifyView:
+    def test_sets(self):
+        t = THRESHOLDS
+        assert classify_view(1.0, 0.5, 0.0) == "easy"
+        assert classify_view(t.easy_min_visible, t.easy_min_size, t.easy_max_warp) == "easy"
+        assert classify_view(0.79, 0.5, 0.0) == "hard"  # occluded
+        assert classify_view(1.0, 0.2, 0.0) == "hard"  # small
+        assert classify_view(1.0, 0.5, 0.5) == "hard"  # strongly warped
+        assert classify_view(0.29, 0.5, 0.0) == "junk"  # barely visible
+        assert classify_view(1.0, 0.06, 0.0) == "junk"  # tiny
+
+    def test_custom_thresholds(self):
+        loose = ViewThresholds(easy_min_size=0.1)
+        assert classify_view(1.0, 0.2, 0.0, loose) == "easy"
+
+    def test_warp_score(self):
+        assert clutter_mod._warp_score(15.0, 0.0) == pytest.approx(0.5)
+        assert clutter_mod._warp_score(-3.0, 0.25) == pytest.approx(1.0)
+
+
+class TestGeometry:
+    def test_perspective_maps_corners(self):
+        out = [(0.0, 0.0), (100.0, 0.0), (100.0, 50.0), (0.0, 50.0)]
+        quad = [(10.0, 5.0), (130.0, 12.0), (120.0, 90.0), (3.0, 70.0)]
+        a, b, c, d, e, f, g, h = clutter_mod._perspective(out, quad)
+        for (x, y), (u, v) in zip(out, quad, strict=True):
+            den = g * x + h * y + 1
+            assert (a * x + b * y + c) / den == pytest.approx(u)
+            assert (d * x + e * y + f) / den == pytest.approx(v)
+
+    def test_fit_quad_inside(self):
+        pts = clutter_mod._quad(90.0, 10.0, 300.0, 100.0, 20.0, [0.05] * 8)
+        fitted = clutter_mod._fit_quad(pts, 200, 150)
+        assert all(0 <= x <= 200 and 0 <= y <= 150 for x, y in fitted)
+
+    def test_rng_keys(self):
+        a = clutter_mod._rng(0, 1, "home", 3).random(4)
+        b = clutter_mod._rng(0, 1, "home", 3).random(4)
+        c = clutter_mod._rng(1, 1, "home", 3).random(4)
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+class TestErrors:
+    def test_unknown_variant(self, tmp_path):
+        with pytest.raises(ValueError, match="variant must be one of"):
+            build_clutter(tmp_path, variant="huge")
+        with pytest.raises(ValueError, match="variant must be one of"):
+            ensure_clutter(tmp_path, "huge")
+
+    def test_bad_seed(self, tmp_path):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            build_clutter(tmp_path, variant="tiny", seed=-1)
+
+    def test_existing_folder(self, tmp_path):
+        (tmp_path / NAME).mkdir()
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            build_clutter(tmp_path, variant="tiny")
+
+    def test_bad_package_name(self, tmp_path):
+        with pytest.raises(ValueError, match="Debian package names"):
+            fetch_debs(["Not A Package"], tmp_path)
+
+    def test_no_apt_get(self, tmp_path, monkeypatch):
+        real_which = shutil.which
+        monkeypatch.setattr(sources_mod.shutil, "which", lambda n: None if n == "apt-get" else real_which(n))
+        with pytest.raises(DebianSourceError, match="apt-get is not on PATH"):
+            fetch_debs(["darknet"], tmp_path)
+
+    def test_not_found_message(self, tmp_path, monkeypatch):
+        calls = []
+
+        def fake_run(cmd, cwd=None):
+            calls.append(list(cmd))
+            if "update" in cmd:
+                return 0, "Reading package lists... Done"
+            return 100, "E: Unable to locate package no-such-pkg"
+
+        monkeypatch.setattr(sources_mod, "_run", fake_run)
+        monkeypatch.setattr(sources_mod.shutil, "which", lambda n: f"/usr/bin/{n}")
+        with pytest.raises(DebianSourceError, match="no-such-pkg not found"):
+            fetch_debs(["no-such-pkg"], tmp_path)
+        # first try with the system lists, then apt-get update into a private lists dir, then a retry with it
+        assert calls[0][-2:] == ["download", "no-such-pkg"]
+        assert "update" in calls[1]
+        assert any(a.startswith("Dir::State::Lists=") for a in calls[1])
+        assert any(a.startswith("Dir::State::Lists=") for a in calls[2])
+        assert not list((tmp_path / "debs").glob("*.deb"))
+
+    def test_update_fails(self, tmp_path, monkeypatch):
+        def fake_run(cmd, cwd=None):
+            return (100, "E: Failed to fetch http://deb.debian.org/...") if "update" in cmd else (100, "E: 404")
+
+        monkeypatch.setattr(sources_mod, "_run", fake_run)
+        monkeypatch.setattr(sources_mod.shutil, "which", lambda n: f"/usr/bin/{n}")
+        with pytest.raises(DebianSourceError, match="apt-get update"):
+            fetch_debs(["darknet"], tmp_path)
+
+    def test_no_dpkg(self, tmp_path, monkeypatch):
+        (tmp_path / "debs").mkdir()
+        (tmp_path / "debs" / "darknet_1.0_amd64.deb").write_bytes(b"not a deb")
+        monkeypatch.setattr(sources_mod.shutil, "which", lambda n: None)
+        with pytest.raises(DebianSourceError, match="dpkg is not on PATH"):
+            fetch_debs(["darknet"], tmp_path)
+
+    @pytest.mark.skipif(shutil.which("dpkg") is None, reason="needs dpkg")
+    def test_broken_deb(self, tmp_path):
+        (tmp_path / "debs").mkdir()
+        (tmp_path / "debs" / "darknet_1.0_amd64.deb").write_bytes(b"not a deb")
+        with pytest.raises(DebianSourceError, match=r"dpkg -x darknet_1\.0_amd64\.deb failed"):
+            fetch_debs(["darknet"], tmp_path)
+        assert not (tmp_path / "extracted" / "darknet").exists()
+        assert not list((tmp_path / "extracted").glob(".darknet.*"))
+
+    def test_catalogue_errors(self, tmp_path):
+        with pytest.raises(DebianSourceError, match=r"stamp_objects\(\): tuxpaint-stamps-default: expected file"):
+            sources_mod.stamp_objects(tmp_path)
+        with pytest.raises(DebianSourceError, match="was not fetched"):
+            sources_mod.scene_photos({})
+        with pytest.raises(DebianSourceError, match="not made by fetch_debs"):
+            sources_mod.deb_record(tmp_path)
+
+    def test_stamp_filter(self, tmp_path):
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        photo = rng.integers(0, 256, (240, 260, 4), dtype=np.uint8)
+        photo[..., 3] = 255
+        cases = {
+            "rgb.png": (Image.fromarray(photo[..., :3]), "must be RGBA"),
+            "small.png": (Image.fromarray(photo[:150, :150]), "long side >= 200"),
+            "flat.png": (Image.fromarray(np.full((240, 260, 4), 200, dtype=np.uint8)), "opaque colours"),
+        }
+        for name, (img, msg) in cases.items():
+            img.save(tmp_path / name)
+            with pytest.raises(DebianSourceError, match=msg):
+                clutter_mod._load_stamp(sources_mod.SourceFile("x", name, tmp_path / name))
+        img = Image.fromarray(photo)
+        img.save(tmp_path / "ok.png")
+        assert clutter_mod._load_stamp(sources_mod.SourceFile("x", "ok.png", tmp_path / "ok.png")).size == (260, 240)
+
+    def test_duplicate_objects_refused(self):
+        from PIL import Image
+
+        rng = np.random.default_rng(1)
+        a = Image.fromarray(rng.integers(0, 256, (64, 80, 4), dtype=np.uint8))
+        b = Image.fromarray(rng.integers(0, 256, (64, 80, 4), dtype=np.uint8))
+        clutter_mod._check_distinct({"a": a, "b": b})
+        with pytest.raises(DebianSourceError, match="near-duplicate"):
+            clutter_mod._check_distinct({"a": a, "mirror": a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)})
+
+    def test_parse_not_found(self):
+        out = "E: Unable to locate package foo\nE: Package 'bar' has no installation candidate\n"
+        assert sources_mod._not_found(out) == ["bar", "foo"]
+
+    def test_default_cache_dir(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("DEEPAGG_CACHE", str(tmp_path))
+        assert default_cache_dir() == tmp_path / "debian"
+
+    def test_catalogue_is_sane(self):
+        stamps = [f for files in sources_mod.STAMP_OBJECTS.values() for f in files]
+        assert len(stamps) == len(set(stamps)), "a stamp file is listed twice"
+        assert set(sources_mod.SCENE_FILES) | {sources_mod.STAMP_PACKAGE} == set(PACKAGES)
+        # the fixed split leaves enough objects for the default variant and for train
+        n = len(sources_mod.STAMP_OBJECTS)
+        assert sum(1 for i in range(n) if i % 4 != 3) >= 30
+        assert sum(1 for i in range(n) if i % 4 == 3) >= 10
+
+
+# --------------------------------------------------------------------------------------------- Debian sources
+
+
+@pytest.fixture(scope="session")
+def debs() -> dict[str, Path]:
+    """The Debian packages, downloaded once into the persistent user cache (not a tmp dir)."""
+    try:
+        return fetch_debs(PACKAGES)
+    except DebianSourceError as exc:
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"needs the Debian packages of the clutter benchmark and apt-get is not on PATH: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def tiny(debs, tmp_path_factory) -> Path:
+    return build_clutter(tmp_path_factory.mktemp("tiny_a"), variant="tiny", seed=0, progress=False)
+
+
+def _image_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "jpg").glob("*.jpg"))}
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.mark.debian
+class TestSources:
+    def test_fetch_is_cached(self, debs):
+        again = fetch_debs(PACKAGES)
+        assert again == debs
+        for pkg, root in debs.items():
+            record = sources_mod.deb_record(root)
+            assert record["package"] == pkg
+            assert len(record["sha256"]) == 64
+
+    def test_catalogue_files_exist(self, debs):
+        objects = sources_mod.stamp_objects(debs[sources_mod.STAMP_PACKAGE])
+        assert len(objects) == len(sources_mod.STAMP_OBJECTS)
+        photos = sources_mod.scene_photos(debs)
+        assert len(photos) == sum(len(v) for v in sources_mod.SCENE_FILES.values())
+        assert all(p.path.is_file() for p in photos)
+
+    def test_splits_are_disjoint(self, debs):
+        test_ctx, test_ids, *_ = clutter_mod._catalogue(VARIANTS["default"], 0, None, False)
+        train_ctx, train_ids, *_ = clutter_mod._catalogue(VARIANTS["train"], 0, None, False)
+        assert not set(test_ids) & set(train_ids)
+        test_photos = {r.src.key for r in test_ctx.scenes} | {s.key for s in test_ctx.occluders}
+        train_photos = {r.src.key for r in train_ctx.scenes} | {s.key for s in train_ctx.occluders}
+        assert not test_photos & train_photos
+        assert len(test_ids) == 33
+        assert len(train_ids) == 11
+
+
+@pytest.mark.debian
+class TestTinyBuild:
+    def test_layout_and_load(self, tiny):
+        assert tiny.name == NAME
+        assert not list(tiny.parent.glob(f".{NAME}.*")), "a temporary build folder was left behind"
+        ds = load_gnd(tiny, NAME)
+        assert isinstance(ds, RetrievalDataset)
+        assert ds.protocol == "revisited"
+        assert ds.num_queries == 8
+        assert 36 <= ds.num_images <= 44
+        assert all(p.is_file() for p in ds.images + ds.queries)
+        assert not set(ds.images) & set(ds.queries)
+
+    def test_gnd_schema(self, tiny):
+        data = read_gnd_file(tiny / f"gnd_{NAME}.pkl")
+        assert set(data) == {"imlist", "qimlist", "gnd"}
+        n = len(data["imlist"])
+        sizes = {q["name"]: q["size"] for q in _manifest(tiny)["queries"]}
+        for qname, g in zip(data["qimlist"], data["gnd"], strict=True):
+            assert set(g) == {"bbx", "easy", "hard", "junk"}
+            sets = [g[k] for k in ("easy", "hard", "junk")]
+            for idx in sets:
+                assert isinstance(idx, np.ndarray)
+                assert idx.dtype == np.int64
+                assert idx.ndim == 1
+                assert ((idx >= 0) & (idx < n)).all()
+            union = np.concatenate(sets)
+            assert len(np.unique(union)) == len(union), "easy/hard/junk must be disjoint"
+            assert len(g["easy"]) >= 1
+            assert len(g["hard"]) >= 1
+            x1, y1, x2, y2 = g["bbx"]
+            w, h = sizes[qname]
+            assert 0 <= x1 < x2 <= w
+            assert 0 <= y1 < y2 <= h
+
+    def test_gnd_matches_manifest(self, tiny):
+        data = read_gnd_file(tiny / f"gnd_{NAME}.pkl")
+        m = _manifest(tiny)
+        assert m["thresholds"] == {k: getattr(THRESHOLDS, k) for k in m["thresholds"]}
+        assert m["seed"] == 0
+        assert m["builder_version"] == BUILDER_VERSION
+        assert [r["name"] for r in m["images"]] == data["imlist"]
+        assert [q["name"] for q in m["queries"]] == data["qimlist"]
+        for q, g in zip(m["queries"], data["gnd"], strict=True):
+            expect: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}
+            for j, r in enumerate(m["images"]):
+                if r["object"] == q["object"]:
+                    assert r["kind"] in ("home-crop", "paste")
+                    gt = classify_view(r["visible"], r["scale"], r["warp"])
+                    assert gt == r["gt"]
+                    expect[gt].append(j)
+                else:  # other objects and distractors are negatives
+                    assert r["object"] is None or r["object"] != q["object"]
+            for key, idx in expect.items():
+                assert g[key].tolist() == idx
+        for r in m["images"]:
+            assert (r["object"] is None) == (r["kind"] in ("scene", "home-background"))
+            if r["object"] is not None:
+                assert 0.0 <= r["visible"] <= 1.0
+                x1, y1, x2, y2 = r["bbox"]
+                assert 0 <= x1 < x2 <= r["size"][0]
+                assert 0 <= y1 < y2 <= r["size"][1]
+
+    def test_manifest_hashes(self, tiny, debs):
+        m = _manifest(tiny)
+        hashes = _image_hashes(tiny)
+        for r in m["images"] + m["queries"]:
+            assert hashes[r["name"] + ".jpg"] == r["sha256"]
+        assert len(hashes) == len(m["images"]) + len(m["queries"])
+        assert m["sources"], "the manifest must list its sources"
+        for s in m["sources"]:
+            root = debs[s["package"]]
+            assert hashlib.sha256((root / s["path"]).read_bytes()).hexdigest() == s["sha256"]
+        for o in m["objects"]:
+            assert o["stamp"].startswith(sources_mod.STAMP_PACKAGE + ":")
+
+    def test_deterministic(self, tiny, tmp_path):
+        again = build_clutter(tmp_path, variant="tiny", seed=0, progress=False)
+        assert (again / f"gnd_{NAME}.pkl").read_bytes() == (tiny / f"gnd_{NAME}.pkl").read_bytes()
+        assert _image_hashes(again) == _image_hashes(tiny)
+        assert (again / "manifest.json").read_bytes() == (tiny / "manifest.json").read_bytes()
+
+    def test_other_seed_differs(self, tiny, tmp_path):
+        other = build_clutter(tmp_path, variant="tiny", seed=1, progress=False)
+        a, b = _image_hashes(other), _image_hashes(tiny)
+        assert not set(a.values()) & set(b.values())
+        assert (other / f"gnd_{NAME}.pkl").read_bytes() != (tiny / f"gnd_{NAME}.pkl").read_bytes()
+
+    def test_interrupted_build_leaves_nothing(self, debs, tmp_path, monkeypatch):
+        calls = {"n": 0}
+        real = clutter_mod._encode
+
+        def failing(img):
+            calls["n"] += 1
+            if calls["n"] == 10:
+                raise KeyboardInterrupt("simulated interruption")
+            return real(img)
+
+        monkeypatch.setattr(clutter_mod, "_encode", failing)
+        with pytest.raises(KeyboardInterrupt):
+            build_clutter(tmp_path, variant="tiny", progress=False)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_interrupted_rebuild_keeps_old(self, tiny, tmp_path, monkeypatch):
+        root = tmp_path / "root"
+        shutil.copytree(tiny, root / NAME)
+        before = _image_hashes(root / NAME)
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("simulated failure")
+
+        monkeypatch.setattr(clutter_mod, "_check_distinct", boom)
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            build_clutter(root, variant="tiny", seed=3, overwrite=True, progress=False)
+        assert sorted(p.name for p in root.iterdir()) == [NAME]
+        assert _image_hashes(root / NAME) == before
+        assert _manifest(root / NAME)["seed"] == 0
+
+    def test_ensure_reuses_and_rebuilds(self, tiny, tmp_path, monkeypatch):
+        root = tmp_path / "root"
+        shutil.copytree(tiny, root / NAME)
+        calls = []
+        real = clutter_mod.build_clutter
+
+        def counting(*args, **kwargs):
+            calls.append(kwargs.get("seed"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(clutter_mod, "build_clutter", counting)
+        mtime = os.stat(root / NAME / "manifest.json").st_mtime_ns
+        ds = ensure_clutter(root, "tiny", 0, progress=False)
+        assert calls == []
+        assert os.stat(root / NAME / "manifest.json").st_mtime_ns == mtime
+        assert ds.num_queries == 8
+        assert ds.extra["manifest"]["seed"] == 0
+        assert len(ds.fingerprint) == 64
+
+        ds1 = ensure_clutter(root, "tiny", 1, progress=False)
+        assert calls == [1]
+        assert ds1.extra["manifest"]["seed"] == 1
+        assert ds1.fingerprint != ds.fingerprint
+        ensure_clutter(root, "tiny", 1, progress=False)
+        assert calls == [1]
