@@ -106,6 +106,7 @@ def _model_id(cfg: DictConfig) -> str:
         "normalize": "imagenet",
         "store": "float16",
         "batching": cfg.batching,
+        "precision": str(cfg.precision),
     }
     if not cfg.backbone.get("pretrained", True):
         spec["seed"] = cfg.seed  # random weights depend on the seed

@@ -243,12 +243,16 @@ class MapExtractor(pl.LightningModule):
         out = self._meta(torch.empty(1, 3, *hw, device="meta"))
         return int(out.shape[2]), int(out.shape[3])
 
+    def on_predict_start(self) -> None:
+        # channels_last lets oneDNN pick its fastest convolutions (with bf16 autocast on AMX CPUs: ~3.5x).
+        self.backbone.to(memory_format=torch.channels_last)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.failures.update(batch["errors"])
         if batch["images"].shape[0] == 0:
             return
         with torch.no_grad():
-            maps = self.backbone(batch["images"])
+            maps = self.backbone(batch["images"].to(memory_format=torch.channels_last)).float()
         uniform = len(set(batch["hw"])) == 1
         for j, i in enumerate(batch["index"].tolist()):
             fh, fw = (maps.shape[2], maps.shape[3]) if uniform else self._valid_extent(batch["hw"][j])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -391,5 +392,34 @@ def test_summarize_collects_runs(fake_root: Path, capsys: pytest.CaptureFixture[
     lines = text.splitlines()
     assert lines[0] == "| dataset | backbone | pooling | whitening | re-ranking | Medium mAP | Hard mAP |"
     assert [line.split(" | ")[2] for line in lines[2:]] == ["MAC", "SPoC"]
-    with pytest.raises(SystemExit, match="no results.json below"):
+    with pytest.raises(SystemExit, match=r"no results\.json below"):
         summarize.main([str(fake_root / "nothing")])
+
+
+@pytest.mark.debian
+def test_end_to_end_on_clutter_tiny(tmp_path: Path) -> None:
+    """The default code path (a dataset built by the project from Debian photos), tiny variant, real weights."""
+    try:
+        from deepagg.data.sources import DebianSourceError, fetch_debs
+
+        fetch_debs(["tuxpaint-stamps-default"])
+    except DebianSourceError as exc:
+        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
+            pytest.skip(f"needs apt-get: {exc}")
+        raise
+    cfg = _compose(
+        [
+            "+dataset=clutter_tiny",
+            f"data_root={tmp_path / 'data'}",
+            f"output_dir={tmp_path / 'out'}",
+            "backbone=mobilenet_v2",
+            "whiten=none",
+            "imsize=256",
+            "num_vis_queries=2",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    results = app.run(cfg)
+    assert results["medium"]["map"] > 0.3  # real weights on real photos: far above chance
+    assert (tmp_path / "out" / "topk.png").is_file()
+    assert "clutter_tiny" in (tmp_path / "out" / "results.md").read_text()
