@@ -156,6 +156,12 @@ def describe(
     return combine_scales(per_scale, float(cfg.ms_power)), failures
 
 
+def _manifest_sha256(ds: RetrievalDataset) -> str:
+    """sha256 of a built benchmark's manifest (sources, seed, builder version); empty for external data."""
+    path = ds.root / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def positive_pairs(ds: RetrievalDataset) -> torch.Tensor:
     """(query row, positive row) pairs of a training set, rows indexing ``cat(database, queries)``."""
     pairs = []
@@ -253,7 +259,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "queries": ds.num_queries,
         "database": ds.num_images,
         "dataset_fingerprint": ds.fingerprint,
-        "manifest_sha256": ds.extra.get("manifest_sha256", ""),
+        "manifest_sha256": _manifest_sha256(ds),
         "backbone": cfg.backbone._target_,
         "pool": cfg.pool._target_,
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",

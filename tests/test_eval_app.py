@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from deepagg.data.revisitop import DatasetNotFoundError
+from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.metrics import evaluate_revisited
 from lightning_apps import eval as app
 from lightning_apps.extract import FeatureCache, SizeBucketSampler, extract_maps, plan_items
@@ -423,3 +423,26 @@ def test_end_to_end_on_clutter_tiny(tmp_path: Path) -> None:
     assert results["medium"]["map"] > 0.3  # real weights on real photos: far above chance
     assert (tmp_path / "out" / "topk.png").is_file()
     assert "clutter_tiny" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_padded_batches_match_exact_batches_closely(fake_root: Path) -> None:
+    exact = _run(["whiten=none", "batching=exact", "backbone.pretrained=true"], fake_root, "exact")
+    padded = _run(["whiten=none", "batching=pad", "batch_size=4", "backbone.pretrained=true"], fake_root, "pad")
+    # Mixed sizes in one batch: padding + feature-grid mask; only the receptive field of the padding differs.
+    np.testing.assert_allclose(padded["medium"]["aps"], exact["medium"]["aps"], atol=0.1)
+    assert len(list((fake_root / "data" / "features").rglob("*.pt"))) == 2 * 12  # batching is in the cache key
+
+
+def test_unreadable_database_image_is_reported_and_ranked_last(fake_root: Path) -> None:
+    bad = fake_root / "data" / "datasets" / "roxford5k" / "jpg" / "p0_v4.jpg"
+    bad.write_bytes(b"not a jpeg")
+    results = _run(["whiten=none"], fake_root)
+    meta = __import__("json").loads((fake_root / "out" / "results.json").read_text())["meta"]
+    assert list(meta["unreadable_database_images"]) == [str(bad)]
+    assert 0.0 < results["medium"]["map"] < 1.0  # the unreadable positive cannot be found
+
+
+def test_unreadable_query_is_an_error(fake_root: Path) -> None:
+    (fake_root / "data" / "datasets" / "roxford5k" / "jpg" / "q1.jpg").write_bytes(b"broken")
+    with pytest.raises(ImageReadError, match=r"q1\.jpg"):
+        _run(["whiten=none"], fake_root)
