@@ -446,3 +446,23 @@ def test_unreadable_query_is_an_error(fake_root: Path) -> None:
     (fake_root / "data" / "datasets" / "roxford5k" / "jpg" / "q1.jpg").write_bytes(b"broken")
     with pytest.raises(ImageReadError, match=r"q1\.jpg"):
         _run(["whiten=none"], fake_root)
+
+
+def test_multiscale_extracts_each_scale_once(fake_root: Path) -> None:
+    single = _run(["whiten=none"], fake_root, "s1")
+    multi = _run(["whiten=none", "scales=[1.0,0.7071067811865476,0.5]", "ms_power=3.0"], fake_root, "s3")
+    # 12 images at 3 scales; scale 1 is shared with the single-scale run through the cache.
+    assert len(list((fake_root / "data" / "features").rglob("*.pt"))) == 12 * 3
+    assert set(multi) == set(single)
+    assert "0.7071067811865476" in (fake_root / "s3" / "config.yaml").read_text()
+
+
+def test_combine_scales_generalised_mean() -> None:
+    from lightning_apps.extract import combine_scales
+
+    a = torch.nn.functional.normalize(torch.rand(3, 5), dim=-1)
+    b = torch.nn.functional.normalize(torch.rand(3, 5), dim=-1)
+    torch.testing.assert_close(combine_scales([a, a]), a)
+    torch.testing.assert_close(combine_scales([a, b]), torch.nn.functional.normalize(a + b, dim=-1))
+    want = torch.nn.functional.normalize(((a**3 + b**3) / 2) ** (1 / 3), dim=-1)
+    torch.testing.assert_close(combine_scales([a, b], p=3.0), want)
