@@ -263,7 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "backbone": cfg.backbone._target_,
         "pool": cfg.pool._target_,
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",
-        "rerank": cfg.rerank.get("_target_", "none"),
+        "rerank": repr(rerank) if rerank is not None else "none",
         "imsize": cfg.imsize,
         "scales": list(cfg.scales),
         "unreadable_database_images": {str(ds.images[i]): r for i, r in failures.items()},

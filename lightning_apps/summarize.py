@@ -29,7 +29,9 @@ def collect(root: Path) -> list[dict[str, Any]]:
 
 
 def _short(target: str) -> str:
-    return str(target).rsplit(".", 1)[-1]
+    """``deepagg.GeM`` -> ``GeM``; a module repr such as ``QueryExpansion(k=10, alpha=3.0)`` stays whole."""
+    text = str(target)
+    return text if "(" in text else text.rsplit(".", 1)[-1]
 
 
 def table(runs: list[dict[str, Any]], setups: tuple[str, ...] = ("medium", "hard")) -> str:
