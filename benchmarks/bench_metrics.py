@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import compare
 from deepagg.metrics import compute_map, evaluate_revisited
 
 KAPPAS = (1, 5, 10)
@@ -113,25 +111,17 @@ def _setups(gnd_full: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _time(fn: Callable[[], Any], min_run_time: float) -> tuple[float, float]:
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time
-    )
-    return m.median * 1e3, m.iqr * 1e3
-
-
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Time every case and return one row per case.
 
     Args:
-        quick: Smoke run (20 queries instead of 70 and a 10 ms timing budget): a couple of seconds in all.
+        quick: Smoke run (20 queries instead of 70, 3 timed runs): a couple of seconds in all.
 
     Returns:
         One dict per case with ``bench``, ``case``, ``shape``, ``ours_ms``/``ref_ms`` (medians) and their
         ``*_iqr_ms``, ``ratio`` (reference / ours), ``max_abs_diff`` and ``mAP_M``.
     """
     rng = np.random.default_rng(0)
-    min_run_time = 0.01 if quick else 0.5
     if quick:  # smoke run: same code paths (dense table, sorted keys), smaller sizes
         cases = [("roxf-full", 20, 4993, 4993), ("r1m-top1000", 20, 1_004_993, 1000)]
     else:
@@ -161,24 +151,19 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             else:
                 diff = _max_abs_diff(ours, ref)
                 mean_ap = ours[0]
-            if not diff <= 1e-10:
-                raise RuntimeError(f"bench_metrics: {label}: compute_map and the reference disagree by {diff}")
-            ours_ms, ours_iqr = _time(ours_fn, min_run_time)
-            ref_ms, ref_iqr = _time(ref_fn, min_run_time)
             rows.append(
-                {
-                    "bench": "metrics",
-                    "case": label,
-                    "shape": f"{q}x{length} (db {db})",
-                    "ours_ms": ours_ms,
-                    "ours_iqr_ms": ours_iqr,
-                    "ref_ms": ref_ms,
-                    "ref_iqr_ms": ref_iqr,
-                    "ratio": ref_ms / ours_ms,
-                    "max_abs_diff": diff,
-                    "mAP_M": mean_ap,
-                    "reference": "per-query loop (revisitop-style, np.isin)",
-                }
+                compare(
+                    "metrics",
+                    label,
+                    f"{q}x{length} (db {db})",
+                    ours_fn,
+                    ref_fn,
+                    diff,
+                    tol=1e-10,
+                    quick=quick,
+                    reference="per-query loop (revisitop-style, np.isin)",
+                    mAP_M=mean_ap,
+                )
             )
     return rows
 

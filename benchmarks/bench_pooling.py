@@ -7,8 +7,8 @@ reference run in the same process, their ratio, and the largest difference betwe
 from __future__ import annotations
 
 import torch
-from torch.utils.benchmark import Timer
 
+from benchmarks.common import compare
 from deepagg import functional as F
 from deepagg.functional.pooling import rmac_grid
 
@@ -47,13 +47,6 @@ def ref_masked_gem_loop(x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.
     return torch.stack([ref_gem_loop(x[i : i + 1, :, :h, :w])[0] for i, (h, w) in enumerate(sizes)])
 
 
-def _time(fn, quick: bool) -> tuple[float, float]:
-    """Median and IQR in ms (``blocked_autorange``; a few plain runs when ``quick``)."""
-    timer = Timer(stmt="f()", globals={"f": fn}, num_threads=torch.get_num_threads())
-    m = timer.timeit(3) if quick else timer.blocked_autorange(min_run_time=1.0)
-    return m.median * 1e3, m.iqr * 1e3
-
-
 def run(quick: bool = False) -> list[dict]:
     """Time every pooling op against its reference; return one row per case."""
     torch.manual_seed(0)
@@ -72,23 +65,18 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for name, ours, ref in cases:
         diff = float((ours() - ref()).abs().max())
-        if not diff <= 1e-4:
-            raise RuntimeError(f"bench_pooling: {name}: deepagg and the reference disagree by {diff}")
-        ours_ms, ours_iqr = _time(ours, quick)
-        ref_ms, ref_iqr = _time(ref, quick)
         rows.append(
-            {
-                "bench": "pooling",
-                "case": name,
-                "shape": f"{b}x{c}x{h}x{w}",
-                "ours_ms": ours_ms,
-                "ours_iqr_ms": ours_iqr,
-                "ref_ms": ref_ms,
-                "ref_iqr_ms": ref_iqr,
-                "ratio": ref_ms / ours_ms,
-                "max_abs_diff": diff,
-                "reference": "per-image loop (cirtorch-style)",
-            }
+            compare(
+                "pooling",
+                name,
+                f"{b}x{c}x{h}x{w}",
+                ours,
+                ref,
+                diff,
+                tol=1e-4,
+                quick=quick,
+                reference="per-image loop (cirtorch-style)",
+            )
         )
     return rows
 

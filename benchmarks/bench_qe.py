@@ -8,8 +8,8 @@ largest difference between the two outputs.
 from __future__ import annotations
 
 import torch
-from torch.utils.benchmark import Timer
 
+from benchmarks.common import compare
 from deepagg.functional import dba, l2n, query_expansion
 
 
@@ -33,12 +33,6 @@ def ref_dba_loop(db: torch.Tensor, k: int) -> torch.Tensor:
         idx = torch.argsort(sim, descending=True, stable=True)[:k]
         out.append(l2n(row + db[idx].sum(0), dim=0))
     return torch.stack(out)
-
-
-def _time(fn, quick: bool) -> tuple[float, float]:
-    timer = Timer(stmt="f()", globals={"f": fn}, num_threads=torch.get_num_threads())
-    m = timer.timeit(3) if quick else timer.blocked_autorange(min_run_time=1.0)
-    return m.median * 1e3, m.iqr * 1e3
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -66,23 +60,10 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for name, shape, ours, ref in cases:
         diff = float((ours() - ref()).abs().max())
-        if not diff <= 1e-5:
-            raise RuntimeError(f"bench_qe: {name}: deepagg and the reference disagree by {diff}")
-        ours_ms, ours_iqr = _time(ours, quick)
-        ref_ms, ref_iqr = _time(ref, quick)
         rows.append(
-            {
-                "bench": "qe",
-                "case": name,
-                "shape": shape,
-                "ours_ms": ours_ms,
-                "ours_iqr_ms": ours_iqr,
-                "ref_ms": ref_ms,
-                "ref_iqr_ms": ref_iqr,
-                "ratio": ref_ms / ours_ms,
-                "max_abs_diff": diff,
-                "reference": "per-query loop (argsort + sum)",
-            }
+            compare(
+                "qe", name, shape, ours, ref, diff, tol=1e-5, quick=quick, reference="per-query loop (argsort + sum)"
+            )
         )
     return rows
 
