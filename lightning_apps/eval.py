@@ -265,6 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",
         "rerank": repr(rerank) if rerank is not None else "none",
         "imsize": cfg.imsize,
+        "precision": str(cfg.precision),
         "scales": list(cfg.scales),
         "unreadable_database_images": {str(ds.images[i]): r for i, r in failures.items()},
         "seconds": round(elapsed, 1),

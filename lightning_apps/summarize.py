@@ -18,14 +18,13 @@ __all__ = ["collect", "main", "table"]
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """Every ``results.json`` below ``root``, sorted by dataset, backbone, pool, whitening and re-ranking."""
+    """Every ``results.json`` below ``root``, sorted by dataset, backbone, precision, pool, whitening, re-ranking."""
     runs = []
     for path in sorted(Path(root).rglob("results.json")):
         payload = json.loads(path.read_text())
         runs.append({"path": path, **payload})
-    return sorted(
-        runs, key=lambda r: tuple(str(r["meta"].get(k)) for k in ("dataset", "backbone", "pool", "whiten", "rerank"))
-    )
+    keys = ("dataset", "backbone", "precision", "pool", "whiten", "rerank")
+    return sorted(runs, key=lambda r: tuple(str(r["meta"].get(k)) for k in keys))
 
 
 def _short(target: str) -> str:
@@ -41,7 +40,7 @@ def table(runs: list[dict[str, Any]], setups: tuple[str, ...] = ("medium", "hard
         + " | ".join(f"{s.capitalize()} mAP" for s in setups)
         + " |"
     )
-    lines = [head, "|---|---|---|---|---|" + "---:|" * len(setups)]
+    lines = [head, "|---|---|---|---|---|---|" + "---:|" * len(setups)]
     for r in runs:
         m = r["meta"]
         res = r["results"]

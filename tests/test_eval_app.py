@@ -390,8 +390,9 @@ def test_summarize_collects_runs(fake_root: Path, capsys: pytest.CaptureFixture[
     _run(["whiten=none", "pool=spoc"], fake_root, "runs/spoc")
     text = summarize.main([str(fake_root / "runs")])
     lines = text.splitlines()
-    assert lines[0] == "| dataset | backbone | pooling | whitening | re-ranking | Medium mAP | Hard mAP |"
-    assert [line.split(" | ")[2] for line in lines[2:]] == ["MAC", "SPoC"]
+    assert lines[0] == "| dataset | backbone | precision | pooling | whitening | re-ranking | Medium mAP | Hard mAP |"
+    assert [line.split(" | ")[3] for line in lines[2:]] == ["MAC", "SPoC"]
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["32-true", "32-true"]
     with pytest.raises(SystemExit, match=r"no results\.json below"):
         summarize.main([str(fake_root / "nothing")])
 
