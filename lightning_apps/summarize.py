@@ -34,24 +34,24 @@ def _short(target: str) -> str:
 
 
 def table(runs: list[dict[str, Any]], setups: tuple[str, ...] = ("medium", "hard")) -> str:
-    """Markdown rows: backbone, pooling, whitening, re-ranking, then mAP per setup (x100)."""
-    head = (
-        "| dataset | backbone | pooling | whitening | re-ranking | "
-        + " | ".join(f"{s.capitalize()} mAP" for s in setups)
-        + " |"
-    )
-    lines = [head, "|---|---|---|---|---|---|" + "---:|" * len(setups)]
+    """Markdown rows: dataset, backbone, precision, pooling, whitening, re-ranking, then mAP per setup (x100)."""
+    columns = ["dataset", "backbone", "precision", "pooling", "whitening", "re-ranking"]
+    columns += [f"{s.capitalize()} mAP" for s in setups]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) - len(setups)) + "---:|" * len(setups)]
     for r in runs:
-        m = r["meta"]
-        res = r["results"]
-        cells = []
+        m, res = r["meta"], r["results"]
+        cells = [
+            m["dataset"],
+            _short(m["backbone"]),
+            m.get("precision", "n/a"),
+            _short(m["pool"]),
+            m["whiten"],
+            _short(m["rerank"]),
+        ]
         for s in setups:
             v = res.get(s, res).get("map")
             cells.append("n/a" if v is None else f"{100 * v:.2f}")
-        lines.append(
-            f"| {m['dataset']} | {_short(m['backbone'])} | {_short(m['pool'])} | {m['whiten']} | "
-            f"{_short(m['rerank'])} | " + " | ".join(cells) + " |"
-        )
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
