@@ -43,14 +43,11 @@ one and are loaded strictly.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib
 import importlib.util
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,6 +61,7 @@ import torchvision
 from torch import nn
 
 from deepagg._checks import check_floating, check_shape
+from deepagg._io import atomic_write, sha256_file
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -233,16 +231,8 @@ def _weight_file(src: _Source) -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(path: Path, src: _Source) -> None:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != src.sha256:
         raise WeightsChecksumError(
             f"{src.fn}(pretrained=True): sha256 mismatch for {path}: expected {src.sha256}, got {actual}. "
@@ -255,21 +245,6 @@ def _verify(path: Path, src: _Source) -> None:
 def _default_cache_dir() -> Path:
     env = os.environ.get(_CACHE_ENV)
     return Path(env).expanduser() if env else Path("~/.cache/deepagg").expanduser()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _cached_state_dict(
@@ -293,7 +268,8 @@ def _cached_state_dict(
     _verify(path, src)
     state = convert(path)
     try:
-        _atomic_torch_save(state, cache)
+        with atomic_write(cache, fsync=True) as fh:
+            torch.save(state, fh)
     except OSError as err:
         warnings.warn(f"{src.fn}(): could not write the weight cache {cache} ({err}); continuing.", stacklevel=3)
     return state

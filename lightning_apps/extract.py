@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from deepagg._io import atomic_write, sha256_file
 from deepagg.backbones import imagenet_normalize
 from deepagg.data.revisitop import (
     ImageReadError,
@@ -55,14 +54,6 @@ class ExtractionItem:
     scale: float
     key: str
     out_hw: tuple[int, int]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -92,7 +83,7 @@ def plan_items(
         path = Path(path)
         bbx = bbxs[i] if bbxs is not None else None
         try:
-            digest = _file_digest(path)
+            digest = sha256_file(path)
             full_hw = _image_size(path)
         except OSError as err:
             if is_query:
@@ -209,16 +200,8 @@ class FeatureCache:
 
     def put(self, key: str, fmap: torch.Tensor) -> None:
         """Store one map ``(C, h, w)`` atomically."""
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(fmap.detach().to("cpu", torch.float16).contiguous().clone(), fh)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(self.path(key)) as fh:
+            torch.save(fmap.detach().to("cpu", torch.float16).contiguous().clone(), fh)
 
     def get(self, key: str) -> torch.Tensor:
         """Load one map as float32."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from deepagg._io import atomic_write
 from deepagg.data.revisitop import crop_query
 
 __all__ = ["format_table", "save_grid", "write_results"]
@@ -26,11 +25,8 @@ PROTOCOL_NOTES = (
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(path, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
 
 
 def _pct(v: float) -> str:
@@ -153,9 +149,6 @@ def save_grid(
             x0, y0 = col * cell, row * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour)
             grid.paste(_thumb(images[j], None, size), (x0 + border, y0 + border))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".grid-", suffix=".png")
-    os.close(fd)
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        grid.save(fh, format="PNG")
     return path

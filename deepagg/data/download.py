@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -44,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import read_gnd_file
 from deepagg.data.revisitop import DatasetInfo, get_dataset_info
 
@@ -94,30 +94,6 @@ class _Restart(Exception):
 
 
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    Args:
-        path: The file.
-        chunk: Bytes per read.
-
-    Returns:
-        The lowercase hex digest.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     _ = Path(d, "f").write_bytes(b"abc")
-        ...     sha256_file(Path(d, "f"))[:16]
-        'ba7816bf8f01cfea'
-    """
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while buf := fh.read(chunk):
-            h.update(buf)
-    return h.hexdigest()
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -430,9 +406,8 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _fetch_recorded(

@@ -23,7 +23,6 @@ and more are the objects' homes, the others paste backgrounds, occluders and dis
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -33,6 +32,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from deepagg._io import sha256_file
 
 __all__ = [
     "PACKAGES",
@@ -89,15 +90,6 @@ def default_cache_dir() -> Path:
     env = os.environ.get(_CACHE_ENV)
     base = Path(env).expanduser() if env else Path("~/.cache/deepagg").expanduser()
     return base / "debian"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The sha256 hex digest of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- apt / dpkg
