@@ -35,15 +35,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deepagg.data.dataset import RetrievalDataset
-from deepagg.data.revisitop import DatasetNotFoundError
+from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.nn import DBA, QueryExpansion
 from lightning_apps.extract import (
     FeatureCache,
     combine_scales,
     extract_maps,
-    load_maps,
     plan_items,
-    pool_maps,
+    pool_cached,
 )
 from lightning_apps.metrics import RevisitedMAP
 from lightning_apps.report import format_table, save_grid, write_results
@@ -148,11 +147,11 @@ def describe(
                 overwrite=bool(cfg.overwrite),
             )
         )
-        maps = load_maps(items, cache)
-        if queries and any(m is None for m in maps):
-            bad = [str(paths[i]) for i, m in enumerate(maps) if m is None]
-            raise RuntimeError(f"eval: query images could not be read: {bad[:5]}")
-        per_scale.append(pool_maps(maps, pool))
+        if queries:  # plan_items already refused unreadable query files; a decode failure ends up here
+            bad = [str(paths[i]) for i, it in enumerate(items) if not cache.has(it.key)]
+            if bad:
+                raise ImageReadError(f"eval: query images could not be read: {bad[:5]}")
+        per_scale.append(pool_cached(items, cache, pool, batch_size=int(cfg.batch_size) * 8))
     return combine_scales(per_scale, float(cfg.ms_power)), failures
 
 

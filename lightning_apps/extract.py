@@ -42,7 +42,15 @@ from deepagg.data.revisitop import (
     read_image,
 )
 
-__all__ = ["ExtractionItem", "FeatureCache", "ImageDataset", "MapExtractor", "SizeBucketSampler", "extract_maps"]
+__all__ = [
+    "ExtractionItem",
+    "FeatureCache",
+    "ImageDataset",
+    "MapExtractor",
+    "SizeBucketSampler",
+    "extract_maps",
+    "pool_cached",
+]
 
 
 @dataclass(frozen=True)
@@ -280,29 +288,31 @@ def extract_maps(
     return {todo[i]: reason for i, reason in module.failures.items()}
 
 
-def load_maps(items: Sequence[ExtractionItem], cache: FeatureCache) -> list[torch.Tensor | None]:
-    """The cached maps of ``items`` (None where the image could not be read)."""
-    return [cache.get(it.key) if cache.has(it.key) else None for it in items]
+def pool_cached(
+    items: Sequence[ExtractionItem], cache: FeatureCache, pool: torch.nn.Module, *, batch_size: int = 64
+) -> torch.Tensor:
+    """Pool the cached maps of ``items`` into descriptors ``(N, D)``, ``batch_size`` maps of one size at a time.
 
-
-def pool_maps(maps: Sequence[torch.Tensor | None], pool: torch.nn.Module, *, batch_size: int = 64) -> torch.Tensor:
-    """Pool cached maps into L2-normalised descriptors ``(N, D)``, batching maps of one size together.
-
-    Unreadable images (None) get a zero descriptor: they rank last for every query.
+    Maps are read from the cache chunk by chunk, so memory holds one chunk, not the whole dataset (ROxf at
+    1024 px would need about 30 GB of float32 VGG16 maps). Items without a cached map (unreadable images) get
+    a zero descriptor: they rank last for every query.
     """
-    valid = [i for i, m in enumerate(maps) if m is not None]
-    if not valid:
-        raise RuntimeError("pool_maps(): no feature map could be computed (every image failed to load).")
-    probe = pool(maps[valid[0]][None])
-    out = torch.zeros(len(maps), probe.shape[1])
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for i in valid:
-        by_size.setdefault(tuple(maps[i].shape), []).append(i)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, it in enumerate(items):
+        if cache.has(it.key):
+            groups.setdefault(it.out_hw, []).append(i)
+    if not groups:
+        raise RuntimeError("pool_cached(): no feature map could be computed (every image failed to load).")
+    out: torch.Tensor | None = None
     with torch.no_grad():
-        for idx in by_size.values():
+        for idx in groups.values():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
-                out[chunk] = pool(torch.stack([maps[i] for i in chunk])).float()
+                desc = pool(torch.stack([cache.get(items[i].key) for i in chunk])).float()
+                if out is None:
+                    out = desc.new_zeros(len(items), desc.shape[1])
+                out[chunk] = desc
+    assert out is not None
     return out
 
 
