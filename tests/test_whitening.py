@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -73,6 +76,76 @@ def ref_learned(x: torch.Tensor, pairs: torch.Tensor, dim: int | None) -> tuple[
     return mean, fix_signs_rows(v[:, :dim].T) @ p1
 
 
+def old_sorted_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The library's eigh step before the rank cap (descending, first largest-magnitude entry positive)."""
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    signs = torch.sign(evecs.gather(0, evecs.abs().argmax(dim=0)[None]))
+    return evals, evecs * signs
+
+
+def old_pca(x: torch.Tensor, dim: int | None, s: float, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """pca_whitening before the rank cap, op for op (so full-rank fits must agree bit for bit)."""
+    mean = x.mean(dim=0)
+    xc = x - mean
+    evals, evecs = old_sorted_eigh(xc.T @ xc / (xc.shape[0] - 1))
+    scale = evals.clamp(min=floor * float(evals.max())).pow(-0.5 * s)
+    dim = x.shape[1] if dim is None else dim
+    return mean, scale[:dim, None] * evecs[:, :dim].T
+
+
+def old_learned(
+    x: torch.Tensor, pairs: torch.Tensor, dim: int | None, floor: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """learned_whitening before the rank cap, op for op: every eigenvalue of C_S floored, none dropped."""
+    diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+    evals_s, evecs_s = old_sorted_eigh(diff.T @ diff / diff.shape[0])
+    p1 = (evecs_s * evals_s.clamp(min=floor * float(evals_s.max())).rsqrt()) @ evecs_s.T
+    mean = x.mean(dim=0)
+    y = (x - mean) @ p1
+    _, evecs = old_sorted_eigh(y.T @ y / (y.shape[0] - 1))
+    dim = x.shape[1] if dim is None else dim
+    return mean, evecs[:, :dim].T @ p1
+
+
+def ref_cirtorch_learned(x: torch.Tensor, pairs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """cirtorch ``whitenlearn`` literally (descriptors as columns, as there), in float64 NumPy.
+
+    ``m`` is the mean of the queries ``X[:, qidxs]`` (repeats counted), ``P1 = inv(cholesky(S))`` (lower factor),
+    and the rotation diagonalises ``df df^T`` with ``df = P1 (X - m)``: the second moment about ``m``.
+    """
+    X = x.double().numpy().T
+    qidxs, pidxs = pairs[:, 0].numpy(), pairs[:, 1].numpy()
+    m = X[:, qidxs].mean(axis=1, keepdims=True)
+    df = X[:, qidxs] - X[:, pidxs]
+    S = df @ df.T / df.shape[1]
+    P = np.linalg.inv(np.linalg.cholesky(S))
+    df = P @ (X - m)
+    eigval, eigvec = np.linalg.eig(df @ df.T)
+    order = np.real(eigval).argsort()[::-1]
+    eigvec = np.real(eigvec[:, order])
+    return m[:, 0], eigvec.T @ P
+
+
+def ref_cirtorch_apply(x: torch.Tensor, m: np.ndarray, P: np.ndarray, dim: int) -> np.ndarray:
+    """cirtorch ``whitenapply`` (without its 1e-6 in the norm), returned as rows."""
+    X = P[:dim, :] @ (x.double().numpy().T - m[:, None])
+    return (X / np.linalg.norm(X, axis=0, keepdims=True)).T
+
+
+def rank_deficient_pairs(d: int = 32, n: int = 40, n_pairs: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generic rows and ``n_pairs`` disjoint pairs (2i, 2i + 1): C_S has rank n_pairs < d."""
+    pairs = torch.stack([torch.arange(0, 2 * n_pairs, 2), torch.arange(1, 2 * n_pairs, 2)], dim=1)
+    return make_data(n, d, seed=5), pairs
+
+
+def null_basis(a: torch.Tensor, rank: int) -> torch.Tensor:
+    """Orthonormal basis (as rows) of the null space of the rows of ``a``, by NumPy's SVD."""
+    _, _, vt = np.linalg.svd(a.numpy())
+    return torch.from_numpy(vt[rank:])
+
+
 class TestWhiten(BaseTester):
     def test_smoke(self) -> None:
         x = make_data(100, 16).float()
@@ -98,15 +171,19 @@ class TestWhiten(BaseTester):
 
     @pytest.mark.parametrize("n", [2, 3])
     def test_few_rows(self, n: int) -> None:
-        # Rank-deficient covariance (N - 1 < D): the eigenvalue floor keeps everything finite.
+        # Rank-deficient covariance (N - 1 < D): the fit keeps the N - 1 supported directions, finite and bounded.
         x = make_data(n, 6)
-        mean, proj = F.pca_whitening(x)
+        with pytest.warns(UserWarning, match=rf"determine only {n - 1} of the 6 requested dimensions"):
+            mean, proj = F.pca_whitening(x)
+        assert proj.shape == (n - 1, 6)
         assert torch.isfinite(proj).all()
         top = np.linalg.eigvalsh(np.cov(x.numpy(), rowvar=False)).max()
         assert proj.norm(dim=1).max() <= (1e-10 * top) ** -0.5 * (1 + 1e-9)
         y = F.whiten(x, mean, proj)
         assert torch.isfinite(y).all()
-        _, pairs_proj = F.learned_whitening(x, torch.tensor([[0, 1]]))
+        with pytest.warns(UserWarning, match=r"the 1 matching pair determines only 1 of the 6 requested"):
+            _, pairs_proj = F.learned_whitening(x, torch.tensor([[0, 1]]))
+        assert pairs_proj.shape == (1, 6)
         assert torch.isfinite(pairs_proj).all()
 
     @pytest.mark.parametrize(("dim", "shrinkage"), [(None, 1.0), (5, 1.0), (None, 0.5), (7, 0.0)])
@@ -167,6 +244,250 @@ class TestWhiten(BaseTester):
         assert (cov.diagonal()[:-1] >= cov.diagonal()[1:]).all()
         _, part = F.learned_whitening(x, pairs, dim=5)
         self.assert_close(part, proj[:5])
+
+    def test_full_rank_unchanged(self) -> None:
+        # With r = D the rank cap changes nothing: bit for bit the pre-cap formulas, signs included, no warning.
+        x = make_data(200, 10)
+        x2, pairs = make_pairs(20, 4, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for dim, s in [(None, 1.0), (5, 1.0), (None, 0.5), (7, 0.0)]:
+                mean, proj = F.pca_whitening(x, dim=dim, shrinkage=s)
+                ref_mean, ref_proj = old_pca(x, dim, s)
+                assert torch.equal(mean, ref_mean)
+                assert torch.equal(proj, ref_proj)
+            for dim in (None, 4):
+                mean, proj = F.learned_whitening(x2, pairs, dim=dim)
+                ref_mean, ref_proj = old_learned(x2, pairs, dim)
+                assert torch.equal(mean, ref_mean)
+                assert torch.equal(proj, ref_proj)
+                assert torch.equal(F.learned_whitening(x2, pairs, dim=dim, center="all")[1], proj)
+            assert torch.equal(deepagg.Whiten(10, 4, dtype=torch.float64).fit_learned(x2, pairs).projection, proj)
+
+    def test_learned_rank_cap(self) -> None:
+        x, pairs = rank_deficient_pairs()  # D = 32, 10 disjoint pairs: rank(C_S) = 10
+        msg = (
+            "learned_whitening(): the 10 matching pairs determine only 10 of the 32 requested dimensions (rank of "
+            "the pair-difference covariance); the projection keeps 10. Add matching pairs (at least 32 linearly "
+            "independent differences) or pass dim <= 10."
+        )
+        with pytest.warns(UserWarning, match=re.escape(msg)) as record:
+            mean, proj = F.learned_whitening(x, pairs)
+        assert len(record) == 1
+        assert record[0].filename == __file__  # stacklevel points at the caller
+        # (b) r output directions.
+        assert proj.shape == (10, 32)
+        assert F.whiten(x, mean, proj).shape == (40, 10)
+        # (c) Whitened pair differences have identity covariance on the kept directions.
+        diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+        cov_s = diff.T @ diff / len(diff)
+        self.assert_close(proj @ cov_s @ proj.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-9)
+        # (d) The kept directions lie in the span of the differences: orthogonal to the null space of C_S.
+        null = null_basis(diff, 10)
+        assert null.shape == (22, 32)
+        assert (proj @ null.T).abs().max() <= 1e-12 * proj.abs().max()
+        # The floored pre-cap formula put its rows almost entirely in that null space.
+        _, old = old_learned(x, pairs, None)
+        assert (old @ null.T).norm() >= 0.999 * old.norm()
+        # The whitened training rows are still decorrelated, variances descending.
+        cov = torch.cov(F.whiten(x, mean, proj).T)
+        self.assert_close(cov, torch.diag(cov.diagonal()), rtol=0, atol=1e-8)
+        assert (cov.diagonal()[:-1] >= cov.diagonal()[1:]).all()
+        # A requested dim between r and D is capped too; dim <= r is not and says nothing.
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 16 requested dimensions.*dim <= 10\.$"):
+            assert F.learned_whitening(x, pairs, dim=16)[1].shape == (10, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, part = F.learned_whitening(x, pairs, dim=8)
+            _, exact = F.learned_whitening(x, pairs, dim=10)
+        self.assert_close(part, proj[:8], rtol=1e-9, atol=1e-12)
+        assert torch.equal(exact, proj)
+        # The rank, not the number of pairs: a repeated and a reversed pair add no direction.
+        more = torch.cat([pairs, torch.tensor([[0, 1], [3, 2]])])
+        with pytest.warns(UserWarning, match=r"the 12 matching pairs determine only 10 of the 32 requested"):
+            assert F.learned_whitening(x, more)[1].shape == (10, 32)
+        # float32 input: the same cap, in float32.
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 32"):
+            mean32, proj32 = F.learned_whitening(x.float(), pairs)
+        assert proj32.shape == (10, 32)
+        assert proj32.dtype == mean32.dtype == torch.float32
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 32"):
+            mean64, proj64 = F.learned_whitening(x.float().double(), pairs)  # computed in float64 either way
+        assert torch.equal(proj32, proj64.float())
+        assert torch.equal(mean32, mean64.float())
+
+    def test_learned_rank_cap_retrieval(self) -> None:
+        # Signal (class centres, small within-class variation) lives in a 10-D subspace A; a large nuisance lives in
+        # the 22-D complement B. The 12 training pairs share their nuisance, so their differences span A only
+        # (rank(C_S) = 10) and Lw learns nothing about B. At test time the nuisance varies per image.
+        g = torch.Generator().manual_seed(0)
+        basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+        a, b = basis[:, :10], basis[:, 10:]
+
+        def images(n_classes: int, shared_nuisance: bool) -> torch.Tensor:
+            centres = torch.randn(n_classes, 10, generator=g, dtype=torch.float64).repeat_interleave(2, 0)
+            signal = centres + 0.1 * torch.randn(2 * n_classes, 10, generator=g, dtype=torch.float64)
+            rows = n_classes if shared_nuisance else 2 * n_classes
+            nuisance = 5 * torch.randn(rows, 22, generator=g, dtype=torch.float64)
+            if shared_nuisance:
+                nuisance = nuisance.repeat_interleave(2, 0)
+            return signal @ a.T + nuisance @ b.T
+
+        train = images(12, shared_nuisance=True)
+        pairs = torch.stack([torch.arange(0, 24, 2), torch.arange(1, 24, 2)], dim=1)
+        test = images(40, shared_nuisance=False)
+        queries, database = test[0::2], test[1::2]  # the positive of query i is database item i
+
+        def top1(mean: torch.Tensor, proj: torch.Tensor) -> float:
+            q = F.l2n(F.whiten(queries, mean, proj))
+            db = F.l2n(F.whiten(database, mean, proj))
+            return float(((q @ db.T).argmax(dim=1) == torch.arange(40)).double().mean())
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # dim = 8 <= r = 10: no warning
+            new = F.learned_whitening(train, pairs, dim=8)
+        old = old_learned(train, pairs, 8)
+        # The floored P1 amplified B by ~1e5, and the rotation kept B directions only; the capped fit keeps none.
+        assert (old[1] @ b).norm() >= 0.999 * old[1].norm()
+        assert (new[1] @ b).norm() <= 1e-12 * new[1].norm()
+        # So old retrieval is at chance level (1/40) on nuisance, while the capped Lw retrieves every positive.
+        assert top1(*new) == 1.0
+        assert top1(*old) <= 0.1
+
+    def test_pca_rank_cap(self) -> None:
+        x = make_data(5, 16)  # centred rows span N - 1 = 4 dimensions
+        msg = (
+            "pca_whitening(): the 5 training rows determine only 4 of the 16 requested dimensions (rank of the "
+            "covariance, at most N - 1 = 4); the projection keeps 4. Add training rows (at least D + 1 = 17 in "
+            "general position) or pass dim <= 4."
+        )
+        with pytest.warns(UserWarning, match=re.escape(msg)) as record:
+            mean, proj = F.pca_whitening(x)
+        assert len(record) == 1
+        assert proj.shape == (4, 16)
+        y = F.whiten(x, mean, proj)
+        self.assert_close(torch.cov(y.T), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-9)
+        null = null_basis(x - mean, 4)
+        assert (proj @ null.T).abs().max() <= 1e-12 * proj.abs().max()
+        # The pre-cap formula's extra rows were null directions scaled by the floor: ~1e5 times the largest scale.
+        _, old = old_pca(x, None, 1.0)
+        assert torch.equal(old[:4], proj)
+        assert old[4:].norm(dim=1).min() >= 1e4 * old[:4].norm(dim=1).max()
+        with pytest.warns(UserWarning, match=r"only 4 of the 6 requested dimensions.*or pass dim <= 4\.$"):
+            assert F.pca_whitening(x, dim=6, shrinkage=0.0)[1].shape == (4, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(F.pca_whitening(x, dim=3)[1], proj[:3])
+        # Collinear rows: the rank is below N - 1 too.
+        line = torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None] * torch.ones(1, 3, dtype=torch.float64)
+        with pytest.warns(UserWarning, match=r"the 6 training rows determine only 1 of the 3.*at most N - 1 = 5"):
+            assert F.pca_whitening(line)[1].shape == (1, 3)
+
+    def test_learned_center_queries(self) -> None:
+        # cirtorch's whitenlearn centres on the mean of the pair queries (repeats counted); full rank, P, N >> D.
+        x, pairs = make_pairs(30, 5, 12, seed=2)  # 150 rows, 300 pairs; query i of a class appears 4 - i times
+        mean, proj = F.learned_whitening(x, pairs, center="queries")
+        self.assert_close(mean, x[pairs[:, 0]].mean(dim=0), rtol=0, atol=1e-14)
+        assert not torch.allclose(mean, x[pairs[:, 0].unique()].mean(dim=0))
+        assert not torch.allclose(mean, x.mean(dim=0))
+        ref_m, ref_p = ref_cirtorch_learned(x, pairs)
+        self.assert_close(mean, torch.from_numpy(ref_m), rtol=0, atol=1e-12)
+        test = torch.cat([x, make_data(40, 12, seed=7) * 3.0])
+        for dim in (12, 5):
+            ours = F.l2n(F.whiten(test, *F.learned_whitening(x, pairs, dim=dim, center="queries")))
+            ref = torch.from_numpy(ref_cirtorch_apply(test, ref_m, ref_p, dim))
+            signs = torch.sign((ours * ref).sum(dim=0))  # eigenvectors are defined up to sign
+            self.assert_close(ours, ref * signs, rtol=0, atol=1e-8)
+        # "all" (the default) differs from "queries" only through the centre; the module takes the keyword too.
+        assert not torch.allclose(F.learned_whitening(x, pairs)[1], proj)
+        w = deepagg.Whiten(12, 5, dtype=torch.float64).fit_learned(x, pairs, center="queries")
+        self.assert_close(w.mean, mean)
+        self.assert_close(w.projection, proj[:5], rtol=1e-9, atol=1e-12)
+
+    def test_module_rank_cap(self) -> None:
+        x, pairs = rank_deficient_pairs()
+        w = deepagg.Whiten(32, 16)
+        msg = (
+            "Whiten.fit_learned(): the 10 matching pairs determine only 10 of the 16 requested dimensions (rank of "
+            "the pair-difference covariance); the projection keeps 10. Add matching pairs (at least 32 linearly "
+            "independent differences) or build Whiten(32, out_dim=10)."
+        )
+        with pytest.warns(UserWarning, match=re.escape(msg)) as record:
+            assert w.fit_learned(x.float(), pairs) is w
+        assert len(record) == 1
+        assert record[0].filename == __file__
+        assert (w.out_dim, w.requested_out_dim) == (10, 16)
+        assert w.projection.shape == (10, 32)
+        assert w.projection.dtype == torch.float32
+        assert repr(w) == "Whiten(in_dim=32, out_dim=10, requested_out_dim=16, fitted=True)"
+        out = w(x.float())
+        assert out.shape == (40, 10)
+        self.assert_close(out.norm(dim=1), torch.ones(40))
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 16"):
+            mean, proj = F.learned_whitening(x.float(), pairs, dim=16)
+        self.assert_close(w.projection, proj)
+        self.assert_close(out, F.l2n(F.whiten(x.float(), mean, proj)))
+        assert w.weight.shape == (10, 32)
+        assert w.bias.shape == (10,)
+        lin = w.as_linear()
+        assert (lin.in_features, lin.out_features) == (32, 10)
+        self.assert_close(F.l2n(lin(x.float())), out, rtol=1e-4, atol=1e-4)
+        self.assert_close(torch.compile(w, backend="eager", fullgraph=True)(x[:5].float()), out[:5])
+        # state_dict -> a fresh Whiten(in_dim, out_dim as requested): the buffer takes the stored shape.
+        fresh = deepagg.Whiten(32, 16)
+        fresh.load_state_dict(w.state_dict())
+        assert (fresh.out_dim, fresh.requested_out_dim) == (10, 16)
+        assert repr(fresh) == repr(w)
+        assert torch.equal(fresh(x.float()), out)
+        assert fresh.as_linear().out_features == 10
+        capped_state = {k: v.clone() for k, v in w.state_dict().items()}
+        outer = torch.nn.Sequential(deepagg.Whiten(32, 16, dtype=torch.float64))
+        outer.load_state_dict(torch.nn.Sequential(w).state_dict())  # prefixed keys, cast to the buffer dtype
+        assert outer[0].projection.shape == (10, 32)
+        assert outer[0].projection.dtype == torch.float64
+        # Loading an unfitted (full-size) state, or refitting on full-rank data, restores the requested size.
+        fresh.load_state_dict(deepagg.Whiten(32, 16).state_dict())
+        assert fresh.out_dim == 16
+        assert not fresh._fitted
+        x2, pairs2 = make_pairs(20, 4, 32)  # rank 60 >= 32
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w.fit_learned(x2.float(), pairs2)
+        assert (w.out_dim, w.projection.shape) == (16, (16, 32))
+        assert repr(w) == "Whiten(in_dim=32, out_dim=16, fitted=True)"
+        # PCA: 5 rows in 16-D give rank 4.
+        msg = (
+            "Whiten.fit_pca(): the 5 training rows determine only 4 of the 8 requested dimensions (rank of the "
+            "covariance, at most N - 1 = 4); the projection keeps 4. Add training rows (at least D + 1 = 17 in "
+            "general position) or build Whiten(16, out_dim=4)."
+        )
+        with pytest.warns(UserWarning, match=re.escape(msg)):
+            wp = deepagg.Whiten(16, 8, dtype=torch.float64).fit_pca(make_data(5, 16))
+        assert wp.out_dim == 4
+        assert wp(make_data(3, 16)).shape == (3, 4)
+        assert wp.projection.dtype == torch.float64
+        # Wrong in_dim or too many stored rows: a clear error, and the target is left as it was.
+        target = deepagg.Whiten(30, 16)
+        with pytest.raises(
+            RuntimeError,
+            match=r"Whiten.load_state_dict\(\): the saved projection has shape \(10, 32\), but this Whiten has "
+            r"in_dim = 30 \(expected shape \(r, 30\)\)\. Build the Whiten with the in_dim of the saved one\.",
+        ):
+            target.load_state_dict(capped_state)
+        assert not target._fitted
+        assert target.projection.shape == (16, 30)
+        nested = torch.nn.Sequential(deepagg.Whiten(32, 16))
+        with pytest.raises(RuntimeError, match=r"the saved 0\.projection has shape \(16,\), but this Whiten has in_d"):
+            nested.load_state_dict({"0." + k: v for k, v in capped_state.items()} | {"0.projection": torch.ones(16)})
+        small = deepagg.Whiten(32, 8)
+        with pytest.raises(
+            RuntimeError,
+            match=r"the saved projection has shape \(16, 32\), but this Whiten was built with out_dim = 8 "
+            r"\(expected 1 to 8 rows\)\. Build Whiten\(32, out_dim=16\) to load it\.",
+        ):
+            small.load_state_dict(w.state_dict())
+        assert small.projection.shape == (8, 32)
+        assert not small._fitted
 
     def test_deterministic(self) -> None:
         x = make_data(120, 9)
@@ -256,6 +577,7 @@ class TestWhiten(BaseTester):
             y = F.whiten(x, *F.pca_whitening(x))
             self.assert_close(torch.cov(y.T), torch.eye(256, dtype=torch.float64), rtol=0, atol=1e-7)
             _, proj = F.learned_whitening(x, pairs, dim=128)
+            assert torch.equal(proj, old_learned(x, pairs, 128)[1])  # full rank: unchanged by the rank cap
             diff = x[pairs[:, 0]] - x[pairs[:, 1]]
             self.assert_close(
                 proj @ (diff.T @ diff / len(diff)) @ proj.T, torch.eye(128, dtype=torch.float64), rtol=0, atol=1e-7
@@ -298,6 +620,8 @@ class TestWhiten(BaseTester):
             F.pca_whitening(x, eig_floor=0)
         with pytest.raises(ValueError, match=r"learned_whitening\(\): eig_floor must be in \(0, 1\).*got 1.5"):
             F.learned_whitening(x, pairs, eig_floor=1.5)
+        with pytest.raises(ValueError, match=r"learned_whitening\(\): center must be 'all' or 'queries'; got 'query'"):
+            F.learned_whitening(x, pairs, center="query")
         # pos_pairs
         with pytest.raises(ShapeError, match=r"whitening\(\): pos_pairs must have shape \(P, 2\); got \(2, 3\)"):
             F.learned_whitening(x, torch.zeros(2, 3, dtype=torch.int64))
@@ -348,4 +672,6 @@ class TestWhiten(BaseTester):
             w.fit_pca(x[:, :3])
         with pytest.raises(ValueError, match=r"Whiten.fit_learned\(\): pos_pairs must index rows of X in \[0, 9\]"):
             w.fit_learned(x, torch.tensor([[0, 12]]))
+        with pytest.raises(ValueError, match=r"Whiten.fit_learned\(\): center must be 'all' or 'queries'; got None"):
+            w.fit_learned(x, pairs, center=None)
         assert not w._fitted

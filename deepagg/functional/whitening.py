@@ -9,8 +9,17 @@ Numerics of the fits (design.md 3.2, anchors.md 6.6):
 - Everything is computed in float64 and cast back to the dtype of ``x`` at the end.
 - Symmetric matrices are decomposed with :func:`torch.linalg.eigh` (never ``eig``, never an LU-based
   ``solve``/``inv``, which is broken for batched inputs after ``torch.set_num_threads``; environment.md).
-- Eigenvalues are floored at ``eig_floor`` times the largest one before any negative power, so near-null
-  directions (rank-deficient covariances, e.g. ``N <= D``) are scaled by a bounded factor instead of exploding.
+- Rank rule: the numerical rank r of the decomposed :math:`D \times D` matrix (the covariance for PCA, the
+  pair-difference covariance :math:`C_S` for Lw) is the number of eigenvalues above
+  :math:`\lambda_1 \cdot D \cdot \varepsilon_{64}` (:math:`\varepsilon_{64}` = ``torch.finfo(torch.float64).eps``), the
+  default tolerance of ``numpy.linalg.matrix_rank`` for that matrix. ``eigh`` is backward stable, so eigenvalues
+  below it (an exact zero comes out at about :math:`\lambda_1 \varepsilon_{64}`) are indistinguishable from rounding.
+  The eigenvectors of the remaining D - r eigenvalues are not determined by the data (any basis of the null space
+  would do), so a fit keeps at most r output directions, all inside the supported subspace, and warns
+  (``UserWarning``) when more were requested. Typical causes: N - 1 < D rows for PCA, fewer than D linearly
+  independent matching-pair differences for Lw.
+- Inside the supported subspace, eigenvalues are floored at ``eig_floor`` times the largest one before any negative
+  power, so small but non-zero directions are scaled by a bounded factor instead of exploding.
 - The sign of every eigenvector is fixed so that its largest-magnitude component (the first such, on ties) is
   positive; a fit on the same data therefore always gives the same projection.
 - Covariances use the unbiased normalisation :math:`1/(N-1)` (as ``numpy.cov`` and scikit-learn's PCA), so
@@ -23,6 +32,7 @@ plain dense tensor function and compiles with ``fullgraph=True``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -31,6 +41,7 @@ from deepagg._checks import ShapeError, check_dtype, check_floating, check_same_
 __all__ = ["learned_whitening", "pca_whitening", "whiten"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
+_CENTERS = ("all", "queries")
 
 
 def _check_training_set(x: torch.Tensor, fn: str, in_dim: int | None, name: str) -> tuple[int, int]:
@@ -95,6 +106,27 @@ def _floored(evals: torch.Tensor, eig_floor: float, fn: str, what: str) -> torch
     return evals.clamp(min=eig_floor * top)
 
 
+def _numerical_rank(evals: torch.Tensor) -> int:
+    """Number of eigenvalues above ``lambda_max * D * eps`` (``numpy.linalg.matrix_rank``'s rule for a D x D matrix)."""
+    tol = float(evals.max()) * evals.shape[0] * torch.finfo(torch.float64).eps
+    return int((evals > tol).sum())
+
+
+def _check_center(center: str, fn: str) -> None:
+    if not (isinstance(center, str) and center in _CENTERS):
+        raise ValueError(f"{fn}(): center must be 'all' or 'queries'; got {center!r}.")
+
+
+def _warn_rank(fn: str, source: str, what: str, requested: int, rank: int, remedy: str, advice: str) -> None:
+    # stacklevel 4: _warn_rank <- _*_whitening64 <- the public function or Whiten.fit_* <- the caller.
+    warnings.warn(
+        f"{fn}(): {source} only {rank} of the {requested} requested dimensions ({what}); the projection keeps "
+        f"{rank}. {remedy} or {advice}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _covariance(xc: torch.Tensor) -> torch.Tensor:
     return xc.T @ xc / (xc.shape[0] - 1)
 
@@ -107,8 +139,9 @@ def _pca_whitening64(
     fn: str,
     in_dim: int | None = None,
     name: str = "x",
+    advice: str = "pass dim <= {rank}",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _, d = _check_training_set(x, fn, in_dim, name)
+    n, d = _check_training_set(x, fn, in_dim, name)
     dim = _check_dim(dim, d, fn)
     if not (isinstance(shrinkage, (int, float)) and math.isfinite(shrinkage) and shrinkage >= 0):
         raise ValueError(f"{fn}(): shrinkage must be a finite number >= 0 (1 = full whitening); got {shrinkage}.")
@@ -117,6 +150,19 @@ def _pca_whitening64(
     mean = x64.mean(dim=0)
     evals, evecs = _sorted_eigh(_covariance(x64 - mean))
     scale = _floored(evals, eig_floor, fn, "covariance of x").pow(-0.5 * shrinkage)
+    # Only the r supported eigenvectors are determined by the data (r <= N - 1): keep at most r of them.
+    rank = _numerical_rank(evals)
+    if dim > rank:
+        _warn_rank(
+            fn,
+            f"the {n} training rows determine",
+            f"rank of the covariance, at most N - 1 = {n - 1}",
+            dim,
+            rank,
+            f"Add training rows (at least D + 1 = {d + 1} in general position)",
+            advice.format(rank=rank),
+        )
+        dim = rank
     projection = scale[:dim, None] * evecs[:, :dim].T
     return mean, projection
 
@@ -129,10 +175,13 @@ def _learned_whitening64(
     fn: str,
     in_dim: int | None = None,
     name: str = "x",
+    center: str = "all",
+    advice: str = "pass dim <= {rank}",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = _check_training_set(x, fn, in_dim, name)
     dim = _check_dim(dim, d, fn)
     _check_eig_floor(eig_floor, fn)
+    _check_center(center, fn)
     check_shape(pos_pairs, "P,2", name="pos_pairs", fn=fn, hint="Pass (P, 2) row indices of matching pairs.")
     check_dtype(pos_pairs, _INDEX_DTYPES, name="pos_pairs", fn=fn)
     check_same_device({name: x, "pos_pairs": pos_pairs}, fn=fn)
@@ -148,13 +197,29 @@ def _learned_whitening64(
     x64 = x.detach().to(torch.float64)
     pairs = pos_pairs.to(torch.int64)
     diff = x64[pairs[:, 0]] - x64[pairs[:, 1]]
-    # Intra-class covariance of matching-pair differences, and its symmetric inverse square root.
+    # Intra-class covariance of matching-pair differences, and its symmetric inverse square root restricted to the
+    # r supported eigenpairs (the span of the differences): P1 = U_r diag(lambda_r^-1/2) U_r^T, zero on the rest.
     cov_s = diff.T @ diff / diff.shape[0]
     evals_s, evecs_s = _sorted_eigh(cov_s)
     inv_sqrt = _floored(evals_s, eig_floor, fn, "covariance of the pair differences").rsqrt()
-    p1 = (evecs_s * inv_sqrt) @ evecs_s.T
-    # Rotation onto the principal directions of the P1-whitened training data (no second scaling).
-    mean = x64.mean(dim=0)
+    rank = _numerical_rank(evals_s)
+    if dim > rank:
+        p = pairs.shape[0]
+        _warn_rank(
+            fn,
+            f"the {p} matching pair{'s' if p != 1 else ''} determine{'' if p != 1 else 's'}",
+            "rank of the pair-difference covariance",
+            dim,
+            rank,
+            f"Add matching pairs (at least {d} linearly independent differences)",
+            advice.format(rank=rank),
+        )
+        dim = rank
+    u = evecs_s[:, :rank]
+    p1 = (u * inv_sqrt[:rank]) @ u.T
+    # Rotation onto the principal directions of the P1-whitened training data (no second scaling). Its covariance
+    # has rank r, and P1 maps every direction onto the supported subspace, so the dim <= r leading rows lie in it.
+    mean = x64.mean(dim=0) if center == "all" else x64[pairs[:, 0]].mean(dim=0)
     _, evecs = _sorted_eigh(_covariance((x64 - mean) @ p1))
     projection = evecs[:, :dim].T @ p1
     return mean, projection
@@ -177,16 +242,27 @@ def pca_whitening(
     values in between shrink the large eigenvalues less. Eigenvector signs are fixed (largest-magnitude component
     positive). Computed in float64; returned in the dtype of ``x``. Not compiled (fitting).
 
+    Rank cap: only the eigenvectors of the r eigenvalues above :math:`\lambda_1 \cdot D \cdot \varepsilon_{64}`
+    (``numpy.linalg.matrix_rank``'s rule; r <= N - 1 because the rows are centred) are determined by the data, so
+    the output dimension is :math:`d = \min(\text{dim or } D, r)`, and a ``UserWarning`` says so when the requested
+    dimension exceeds r, e.g. ``pca_whitening(): the 5 training rows determine only 4 of the 16 requested
+    dimensions (rank of the covariance, at most N - 1 = 4); the projection keeps 4. Add training rows (at least
+    D + 1 = 17 in general position) or pass dim <= 4.`` With r = D the result is unchanged by the cap.
+
     Args:
         x: Training descriptors of shape :math:`(N, D)`, N >= 2 (use a set disjoint from the test set). With
-            N - 1 < D the covariance is rank-deficient and its null directions get the floored scale; prefer
-            ``dim <= N - 1`` then.
-        dim: Output dimension d, ``1 <= d <= D``; ``None`` keeps all D.
+            N - 1 < D the covariance has rank at most N - 1, and the output keeps at most that many directions.
+        dim: Requested output dimension, ``1 <= dim <= D``; ``None`` requests all D. The output has
+            :math:`d = \min(\text{dim}, r)` rows.
         shrinkage: The exponent s >= 0 of the eigenvalue scaling :math:`\lambda^{-s/2}`.
-        eig_floor: Eigenvalues are floored at ``eig_floor`` times the largest, in (0, 1).
+        eig_floor: Eigenvalues of the supported subspace are floored at ``eig_floor`` times the largest, in (0, 1).
 
     Returns:
-        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, for :func:`whiten`.
+        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, :math:`d = \min(\text{dim or } D, r)`,
+        for :func:`whiten`.
+
+    Warns:
+        UserWarning: Once, if the requested dimension exceeds the rank r of the covariance (the output keeps r).
 
     Raises:
         ShapeError: If ``x`` is not 2-D, or has fewer than 2 rows or no column.
@@ -199,6 +275,12 @@ def pca_whitening(
         >>> mean, proj = pca_whitening(torch.randn(100, 16), dim=8)
         >>> mean.shape, proj.shape
         (torch.Size([16]), torch.Size([8, 16]))
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     mean, proj = pca_whitening(torch.randn(5, 16))  # rank 4 = N - 1
+        >>> proj.shape, len(caught)
+        (torch.Size([4, 16]), 1)
     """
     mean, projection = _pca_whitening64(x, dim, shrinkage, eig_floor, "pca_whitening")
     return mean.to(x.dtype), projection.to(x.dtype)
@@ -210,37 +292,58 @@ def learned_whitening(
     *,
     dim: int | None = None,
     eig_floor: float = 1e-10,
+    center: str = "all",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Fit the supervised learned whitening Lw from matching pairs.
 
     Mikolajczyk and Matas, ICCV 2007, as used by Radenović, Tolias and Chum (TPAMI 2018). With the intra-class
     covariance of the matching-pair differences :math:`C_S = \frac{1}{P}\sum_{(i,j)} (x_i - x_j)(x_i - x_j)^\top`
-    (no centring) and its symmetric inverse square root :math:`P_1 = C_S^{-1/2}` (by ``eigh``, eigenvalues floored
-    at ``eig_floor`` times the largest), the training rows are centred by their mean :math:`\mu`, whitened by
-    :math:`P_1`, and rotated onto the eigenvectors :math:`V` (descending, signs fixed) of their covariance:
-    :math:`P = V_{:, 1..d}^\top P_1`. The second step is a rotation only, so the pair differences have identity
-    covariance after the projection, :math:`P C_S P^\top = I_d`, when :math:`C_S` is full rank. Computed in
-    float64; returned in the dtype of ``x``. Not compiled (fitting).
+    (no centring), of numerical rank r, with eigenpairs :math:`(\lambda_j, u_j)` (descending, signs fixed), its
+    symmetric inverse square root on the supported subspace is
+    :math:`P_1 = \sum_{j \le r} \tilde\lambda_j^{-1/2} u_j u_j^\top` (by ``eigh``; :math:`\tilde\lambda_j` floored at
+    ``eig_floor`` times :math:`\lambda_1`), which is :math:`C_S^{-1/2}` when r = D. The training rows are centred by
+    :math:`\mu`, whitened by :math:`P_1`, and rotated onto the eigenvectors :math:`V` (descending, signs fixed) of
+    their second moment about :math:`\mu` (the covariance for ``center="all"``): :math:`P = V_{:, 1..d}^\top P_1`.
+    The second step is a rotation only, so the pair differences have identity covariance on the kept directions,
+    :math:`P C_S P^\top = I_d` (when no eigenvalue is floored). Computed in float64; returned in the dtype of
+    ``x``. Not compiled (fitting).
+
+    Rank cap: r is the number of eigenvalues of :math:`C_S` above :math:`\lambda_1 \cdot D \cdot \varepsilon_{64}`
+    (``numpy.linalg.matrix_rank``'s rule), at most P and at most N minus the number of connected components of the
+    pair graph. The other D - r directions carry no matching-pair difference, so :math:`C_S^{-1/2}` is undefined
+    there (a floor would amplify them by about :math:`\text{eig\_floor}^{-1/2}`, and the rotation would then keep
+    mostly those noise directions). The projection is therefore restricted to the span of the differences, the
+    output dimension is :math:`d = \min(\text{dim or } D, r)`, and a ``UserWarning`` says so when the requested
+    dimension exceeds r, e.g. ``learned_whitening(): the 130 matching pairs determine only 130 of the 512 requested
+    dimensions (rank of the pair-difference covariance); the projection keeps 130. Add matching pairs (at least 512
+    linearly independent differences) or pass dim <= 130.`` With r = D the result is unchanged by the cap.
 
     Args:
         x: Training descriptors of shape :math:`(N, D)`, N >= 2.
-        pos_pairs: Matching pairs as int64 (or int32) row indices into ``x``, of shape :math:`(P, 2)`, P >= 1.
-            :math:`C_S` is full rank only for P >= D linearly independent differences; otherwise the floored
-            directions are amplified by up to :math:`\text{eig\_floor}^{-1/2}` relative to the strongest one
-            (raise ``eig_floor``, e.g. to 1e-4, or add pairs).
-        dim: Output dimension d, ``1 <= d <= D``; ``None`` keeps all D.
-        eig_floor: Eigenvalues of :math:`C_S` are floored at ``eig_floor`` times the largest, in (0, 1).
+        pos_pairs: Matching pairs as int64 (or int32) row indices into ``x``, of shape :math:`(P, 2)`, P >= 1;
+            the first column holds the queries. :math:`C_S` is full rank only for at least D linearly independent
+            differences; otherwise the output keeps r < D directions (see the rank cap).
+        dim: Requested output dimension, ``1 <= dim <= D``; ``None`` requests all D. The output has
+            :math:`d = \min(\text{dim}, r)` rows.
+        eig_floor: Supported eigenvalues of :math:`C_S` are floored at ``eig_floor`` times the largest, in (0, 1).
+        center: The centre :math:`\mu` of the training rows: ``"all"`` (default), the mean of all N rows of ``x``;
+            ``"queries"``, the mean of ``x[pos_pairs[:, 0]]`` with repeated queries counted each time, as
+            cirtorch's ``whitenlearn`` (``m = X[:, qidxs].mean``).
 
     Returns:
-        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, for :func:`whiten`.
+        ``(mean, projection)`` of shapes :math:`(D,)` and :math:`(d, D)`, :math:`d = \min(\text{dim or } D, r)`,
+        for :func:`whiten`. ``mean`` is :math:`\mu`.
+
+    Warns:
+        UserWarning: Once, if the requested dimension exceeds the rank r of :math:`C_S` (the output keeps r).
 
     Raises:
         ShapeError: If ``x`` is not 2-D with N >= 2, or ``pos_pairs`` is not :math:`(P, 2)` with P >= 1.
         DTypeError: If ``x`` is not floating point or ``pos_pairs`` not int64/int32.
         DeviceError: If ``pos_pairs`` is not on the device of ``x``.
         TypeError: If ``dim`` is not an int.
-        ValueError: If ``dim`` or ``eig_floor`` is out of range, ``x`` is not finite, an index is out of range, or
-            all pair differences are zero.
+        ValueError: If ``dim`` or ``eig_floor`` is out of range, ``center`` is not ``"all"`` or ``"queries"``,
+            ``x`` is not finite, an index is out of range, or all pair differences are zero.
 
     Example:
         >>> x = torch.randn(60, 8)
@@ -248,8 +351,14 @@ def learned_whitening(
         >>> mean, proj = learned_whitening(x, pairs, dim=4)
         >>> mean.shape, proj.shape
         (torch.Size([8]), torch.Size([4, 8]))
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     mean, proj = learned_whitening(x, pairs[:3], center="queries")  # 3 pairs: rank 3
+        >>> proj.shape, len(caught)
+        (torch.Size([3, 8]), 1)
     """
-    mean, projection = _learned_whitening64(x, pos_pairs, dim, eig_floor, "learned_whitening")
+    mean, projection = _learned_whitening64(x, pos_pairs, dim, eig_floor, "learned_whitening", center=center)
     return mean.to(x.dtype), projection.to(x.dtype)
 
 

@@ -21,7 +21,19 @@ class Whiten(nn.Module):
     test set; both return ``self``. The fit is stored in the buffers ``mean`` :math:`(in\_dim,)`,
     ``projection`` :math:`(out\_dim, in\_dim)` and ``fitted`` (a bool scalar), so it is saved and restored by
     ``state_dict`` / ``load_state_dict``. With ``out_dim < in_dim`` the projection keeps the leading
-    ``out_dim`` directions (dimensionality reduction). The module behaves as an ``nn.Linear`` with
+    ``out_dim`` directions (dimensionality reduction).
+
+    The ``out_dim`` given at construction is the requested dimension (kept as ``requested_out_dim``). A fit on
+    rank-deficient training data (fewer than ``in_dim`` linearly independent pair differences for Lw, N - 1 <
+    ``in_dim`` rows for PCA) determines only r directions: it warns (``UserWarning``) and keeps
+    ``min(requested_out_dim, r)`` of them, so ``projection`` becomes :math:`(r, in\_dim)` and ``out_dim``, the
+    output, :attr:`weight`, :attr:`bias`, :meth:`as_linear` and ``extra_repr`` follow (see the rank cap of
+    :func:`deepagg.functional.learned_whitening`). A later fit requests ``requested_out_dim`` again.
+    ``load_state_dict`` accepts a stored ``projection`` of shape :math:`(r, in\_dim)` with
+    ``1 <= r <= requested_out_dim`` and resizes the buffer to it, so a capped fit loads into a fresh
+    ``Whiten(in_dim, out_dim)``; any other shape is an error.
+
+    The module behaves as an ``nn.Linear`` with
     ``weight = projection`` and ``bias = -projection @ mean`` followed by L2 normalisation (:attr:`weight`,
     :attr:`bias`, :meth:`as_linear`). Fitting is exempt from ``torch.compile``; ``forward`` compiles with
     ``fullgraph=True``.
@@ -31,7 +43,8 @@ class Whiten(nn.Module):
 
     Args:
         in_dim: Input descriptor dimension D >= 1.
-        out_dim: Output dimension d, ``1 <= d <= in_dim``; ``None`` means ``in_dim``.
+        out_dim: Requested output dimension d, ``1 <= d <= in_dim``; ``None`` means ``in_dim``. A rank-deficient
+            fit lowers the attribute ``out_dim`` to the rank r (``requested_out_dim`` keeps d).
         device: Device of the buffers.
         dtype: Floating dtype of ``mean`` and ``projection``.
 
@@ -40,12 +53,19 @@ class Whiten(nn.Module):
 
     Shape:
         - Input: :math:`(B, in\_dim)`.
-        - Output: :math:`(B, out\_dim)`, L2-normalised rows, in the input dtype.
+        - Output: :math:`(B, out\_dim)`, L2-normalised rows, in the input dtype; ``out_dim`` is
+          ``min(requested_out_dim, r)`` after a fit.
 
     Example:
         >>> w = Whiten(16, 8).fit_pca(torch.randn(100, 16))
         >>> w(torch.randn(5, 16)).shape
         torch.Size([5, 8])
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     w = Whiten(16, 8).fit_learned(torch.randn(10, 16), torch.tensor([[0, 1], [2, 3], [4, 5]]))
+        >>> w, w(torch.randn(5, 16)).shape, len(caught)
+        (Whiten(in_dim=16, out_dim=3, requested_out_dim=8, fitted=True), torch.Size([5, 3]), 1)
     """
 
     mean: torch.Tensor
@@ -72,6 +92,8 @@ class Whiten(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"Whiten(): dtype must be a floating dtype; got {dtype}.")
         self.in_dim = in_dim
+        self.requested_out_dim = out_dim
+        # The current output dimension (rows of ``projection``): requested_out_dim, or the rank after a capped fit.
         self.out_dim = out_dim
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.register_buffer("mean", torch.zeros(in_dim, **dd))
@@ -83,20 +105,59 @@ class Whiten(nn.Module):
 
     def _resolve_dim(self, dim: int | None, fn: str) -> int:
         if dim is None:
-            return self.out_dim
-        if dim != self.out_dim:
+            return self.requested_out_dim
+        if dim != self.requested_out_dim:
             raise ValueError(
-                f"{fn}(): dim must equal out_dim = {self.out_dim} (or be None); got {dim!r}. "
+                f"{fn}(): dim must equal out_dim = {self.requested_out_dim} (or be None); got {dim!r}. "
                 f"Build Whiten({self.in_dim}, out_dim={dim!r}) for another output size."
             )
         return dim
 
+    def _resize_projection(self, rows: int) -> None:
+        """Replace ``projection`` by a zero ``(rows, in_dim)`` buffer (same device and dtype) if its rows differ."""
+        if rows != self.projection.shape[0]:
+            self.projection = torch.zeros(rows, self.in_dim, device=self.projection.device, dtype=self.projection.dtype)
+        self.out_dim = rows
+
     @torch.no_grad()
     def _store(self, mean: torch.Tensor, projection: torch.Tensor) -> None:
+        self._resize_projection(projection.shape[0])
         self.mean.copy_(mean)
         self.projection.copy_(projection)
         self.fitted.fill_(True)
         self._fitted = True
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A capped fit stores fewer rows than requested_out_dim: resize ``projection`` to the stored shape first.
+        stored = state_dict.get(prefix + "projection")
+        if isinstance(stored, torch.Tensor):
+            shape = tuple(stored.shape)
+            name = f"Whiten.load_state_dict(): the saved {prefix}projection has shape {shape}"
+            if len(shape) != 2 or shape[1] != self.in_dim:
+                error_msgs.append(
+                    f"{name}, but this Whiten has in_dim = {self.in_dim} (expected shape (r, {self.in_dim})). "
+                    "Build the Whiten with the in_dim of the saved one."
+                )
+                return
+            if not 1 <= shape[0] <= self.requested_out_dim:
+                error_msgs.append(
+                    f"{name}, but this Whiten was built with out_dim = {self.requested_out_dim} (expected 1 to "
+                    f"{self.requested_out_dim} rows). Build Whiten({self.in_dim}, out_dim={shape[0]}) to load it."
+                )
+                return
+            self._resize_projection(shape[0])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def fit_pca(
         self, X: torch.Tensor, dim: int | None = None, shrinkage: float = 1.0, *, eig_floor: float = 1e-10
@@ -105,12 +166,16 @@ class Whiten(nn.Module):
 
         Args:
             X: Training descriptors of shape :math:`(N, in\_dim)`, N >= 2.
-            dim: ``None`` or ``out_dim`` (the output size is fixed at construction).
+            dim: ``None`` or the ``out_dim`` requested at construction.
             shrinkage: Eigenvalue exponent s >= 0: 1 = full whitening, 0 = PCA rotation only.
             eig_floor: Relative eigenvalue floor in (0, 1).
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted, with ``out_dim = min(requested_out_dim, r)`` for the rank r of the covariance of ``X``
+            (r <= N - 1).
+
+        Warns:
+            UserWarning: Once, if ``r < requested_out_dim``; the projection then has r rows.
 
         Raises:
             ShapeError: If ``X`` is not :math:`(N, in\_dim)` with N >= 2.
@@ -118,30 +183,55 @@ class Whiten(nn.Module):
             ValueError: If ``dim != out_dim``, or as :func:`deepagg.functional.pca_whitening`.
         """
         dim = self._resolve_dim(dim, "Whiten.fit_pca")
-        self._store(*_pca_whitening64(X, dim, shrinkage, eig_floor, "Whiten.fit_pca", self.in_dim, "X"))
+        advice = f"build Whiten({self.in_dim}, out_dim={{rank}})"
+        self._store(*_pca_whitening64(X, dim, shrinkage, eig_floor, "Whiten.fit_pca", self.in_dim, "X", advice))
         return self
 
     def fit_learned(
-        self, X: torch.Tensor, pos_pairs: torch.Tensor, dim: int | None = None, *, eig_floor: float = 1e-10
+        self,
+        X: torch.Tensor,
+        pos_pairs: torch.Tensor,
+        dim: int | None = None,
+        *,
+        eig_floor: float = 1e-10,
+        center: str = "all",
     ) -> Whiten:
         r"""Fit the learned whitening Lw from matching pairs (see :func:`deepagg.functional.learned_whitening`).
 
         Args:
             X: Training descriptors of shape :math:`(N, in\_dim)`, N >= 2.
-            pos_pairs: Matching pairs, int64 row indices into ``X`` of shape :math:`(P, 2)`.
-            dim: ``None`` or ``out_dim`` (the output size is fixed at construction).
+            pos_pairs: Matching pairs, int64 row indices into ``X`` of shape :math:`(P, 2)`, queries first.
+            dim: ``None`` or the ``out_dim`` requested at construction.
             eig_floor: Relative eigenvalue floor in (0, 1).
+            center: ``"all"`` (the mean of all rows of ``X``) or ``"queries"`` (the mean of ``X[pos_pairs[:, 0]]``,
+                repeats counted, as cirtorch's ``whitenlearn``).
 
         Returns:
-            ``self``, fitted.
+            ``self``, fitted, with ``out_dim = min(requested_out_dim, r)`` for the rank r of the pair-difference
+            covariance.
+
+        Warns:
+            UserWarning: Once, if ``r < requested_out_dim``; the projection then has r rows.
 
         Raises:
             ShapeError: If ``X`` is not :math:`(N, in\_dim)` or ``pos_pairs`` not :math:`(P, 2)`.
             DTypeError: If ``X`` is not floating point or ``pos_pairs`` not integer.
-            ValueError: If ``dim != out_dim``, or as :func:`deepagg.functional.learned_whitening`.
+            ValueError: If ``dim != out_dim``, ``center`` is invalid, or as
+                :func:`deepagg.functional.learned_whitening`.
         """
         dim = self._resolve_dim(dim, "Whiten.fit_learned")
-        self._store(*_learned_whitening64(X, pos_pairs, dim, eig_floor, "Whiten.fit_learned", self.in_dim, "X"))
+        fit = _learned_whitening64(
+            X,
+            pos_pairs,
+            dim,
+            eig_floor,
+            "Whiten.fit_learned",
+            self.in_dim,
+            "X",
+            center=center,
+            advice=f"build Whiten({self.in_dim}, out_dim={{rank}})",
+        )
+        self._store(*fit)
         return self
 
     @property
@@ -182,7 +272,8 @@ class Whiten(nn.Module):
         return l2n(whiten(x, self.mean, self.projection))
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, fitted={self._fitted}"
+        capped = f", requested_out_dim={self.requested_out_dim}" if self.out_dim != self.requested_out_dim else ""
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}{capped}, fitted={self._fitted}"
 
 
 def _sync_fitted(module: nn.Module, incompatible_keys: Any) -> None:
