@@ -6,6 +6,10 @@ photos) and evaluated; ``+dataset=roxf data_root=DIR`` evaluates ROxford5k from 
 Easy/Medium/Hard mAP and mP@k table and writes ``results.json``, ``results.md``, ``per_query_ap.csv``,
 ``config.yaml`` and ``topk.png`` into Hydra's output folder.
 
+The whole configuration is checked before any work (values, every object it instantiates, the checkpoint, every
+dataset the run needs and why, the query images, the whitening training set against the test images by
+content): a user error is one paragraph on stderr and exit code 2, never a traceback after the extraction.
+
 Examples::
 
     python -m lightning_apps.eval                                  # clutter, VGG16, GeM, learned whitening
@@ -18,10 +22,15 @@ Examples::
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
+import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +41,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from deepagg._io import sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.nn import DBA, QueryExpansion
 from lightning_apps.extract import (
+    RESIZE_METHODS,
+    ExtractionItem,
     FeatureCache,
+    ImageInfo,
     combine_scales,
+    distributed,
     extract_maps,
+    inspect_images,
+    model_id,
     plan_items,
     pool_cached,
 )
@@ -64,10 +80,17 @@ WHITEN_TRAIN = {
     "oxford5k": "paris6k",
     "paris6k": "oxford5k",
 }
+MIN_SIDE = 32  # smallest long side (pixels) imsize * scale may ask for: below it a CNN map is a few cells or none
+STORES = ("maps", "descriptors")
+BATCHING = ("exact", "pad")
+WHITEN_FITS = ("learned", "pca")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be run; reported in one paragraph, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------------ config
 
 
 def dataset_config(name: str) -> DictConfig:
@@ -87,72 +110,228 @@ def with_default_dataset(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every plain value of the config (no I/O); raises one :class:`ConfigError` listing every problem.
+
+    The objects the config instantiates (backbone, pool, re-ranker, trainer) validate their own arguments when
+    :func:`run` builds them, also before any work.
+    """
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    imsize = _plain(cfg.get("imsize"))
+    imsize_ok = _is_int(imsize) and imsize >= MIN_SIDE
+    need(imsize_ok, f"imsize must be an int >= {MIN_SIDE} (the long side in pixels); got {imsize!r}.")
+    scales = _plain(cfg.get("scales"))
+    if not isinstance(scales, list) or not scales:
+        problems.append(f"scales must be a non-empty list of positive numbers, e.g. [1.0]; got {scales!r}.")
+    else:
+        bad = [s for s in scales if not _is_number(s) or float(s) <= 0]
+        need(not bad, f"scales must be finite numbers > 0; got {scales!r}.")
+        need(
+            len({float(s) for s in scales if _is_number(s)}) == len(scales), f"scales must be distinct; got {scales!r}."
+        )
+        if imsize_ok and not bad:
+            small = [s for s in scales if round(float(s) * imsize) < MIN_SIDE]
+            need(
+                not small,
+                f"every scale must give a long side of at least {MIN_SIDE} px at imsize={imsize}; scales {small} give "
+                f"{[round(float(s) * imsize) for s in small]} px.",
+            )
+    ms_power = _plain(cfg.get("ms_power"))
+    need(_is_number(ms_power) and float(ms_power) > 0, f"ms_power must be a finite number > 0; got {ms_power!r}.")
+    batch_size = _plain(cfg.get("batch_size"))
+    need(_is_int(batch_size) and batch_size >= 1, f"batch_size must be an int >= 1; got {batch_size!r}.")
+    workers = _plain(cfg.get("num_workers"))
+    need(_is_int(workers) and workers >= 0, f"num_workers must be an int >= 0; got {workers!r}.")
+    kappas = _plain(cfg.get("kappas"))
+    need(
+        isinstance(kappas, list) and bool(kappas) and all(_is_int(k) and k >= 1 for k in kappas),
+        f"kappas must be a non-empty list of ints >= 1 (the k of mP@k); got {kappas!r}.",
+    )
+    n_vis = _plain(cfg.get("num_vis_queries"))
+    need(_is_int(n_vis) and n_vis >= 0, f"num_vis_queries must be an int >= 0; got {n_vis!r}.")
+    for key, choices in (("batching", BATCHING), ("resize", RESIZE_METHODS), ("store", STORES)):
+        value = _plain(cfg.get(key))
+        need(value in choices, f"{key} must be one of {list(choices)}; got {value!r}.")
+    need(
+        isinstance(_plain(cfg.get("overwrite")), bool),
+        f"overwrite must be true or false; got {cfg.get('overwrite')!r}.",
+    )
+    need(_is_int(_plain(cfg.get("seed"))), f"seed must be an int; got {cfg.get('seed')!r}.")
+    w = cfg.whiten
+    if w.get("module") is not None:
+        need(w.get("fit") in WHITEN_FITS, f"whiten.fit must be one of {list(WHITEN_FITS)}; got {w.get('fit')!r}.")
+        dim = _plain(w.get("dim"))
+        need(dim is None or (_is_int(dim) and dim >= 1), f"whiten.dim must be null or an int >= 1; got {dim!r}.")
+        if w.get("fit") == "pca":
+            s = _plain(w.get("shrinkage", 1.0))
+            need(_is_number(s) and float(s) >= 0, f"whiten.shrinkage must be a finite number >= 0; got {s!r}.")
+        if w.get("fit") == "learned":
+            c = _plain(w.get("center", "all"))
+            need(c in ("all", "queries"), f"whiten.center must be 'all' or 'queries'; got {c!r}.")
+    if problems:
+        raise ConfigError("eval: invalid configuration: " + " ".join(problems))
+
+
+def _instantiate(node: DictConfig, what: str) -> Any:
+    """``instantiate(node)``, with the object's own argument error turned into a :class:`ConfigError`."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, DatasetNotFoundError):
+            raise cause from None
+        raise ConfigError(f"eval: {what} cannot be built from {_plain(node)}: {cause}") from None
+
+
 def load_dataset(node: DictConfig, root_cfg: DictConfig) -> RetrievalDataset:
     """Instantiate a dataset node, resolving ``${data_root}`` against the root config."""
     merged = OmegaConf.merge({"data_root": root_cfg.data_root}, {"node": node})
+    return _instantiate(merged.node, "the dataset")  # type: ignore[no-any-return]
+
+
+def load_checkpoint(backbone: torch.nn.Module, path: str | None) -> str | None:
+    """Load a fine-tuned backbone ``state_dict`` (plain, ``{"backbone": ...}`` or Lightning's ``state_dict``).
+
+    Returns the sha256 of the file's bytes (the cache key uses content, not the path), or None without a path.
+    """
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"eval: ckpt_path {str(p)!r} is not a file.")
+    digest = sha256_file(p)
     try:
-        return instantiate(merged.node)
-    except InstantiationException as err:  # Hydra wraps the loader's own, user-facing error
-        if isinstance(err.__cause__, DatasetNotFoundError):
-            raise err.__cause__ from None
-        raise
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"eval: ckpt_path {str(p)!r} cannot be read as a torch checkpoint: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+        state = {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    elif isinstance(state, dict) and isinstance(state.get("backbone"), dict):
+        state = state["backbone"]
+    try:
+        backbone.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"eval: ckpt_path {str(p)!r} does not fit the backbone: {first}") from None
+    return digest
 
 
-def _model_id(cfg: DictConfig) -> str:
-    spec = {
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "ckpt": cfg.get("ckpt_path"),
-        "normalize": "imagenet",
-        "store": "float16",
-        "batching": cfg.batching,
-        "precision": str(cfg.precision),
-    }
-    if not cfg.backbone.get("pretrained", True):
-        spec["seed"] = cfg.seed  # random weights depend on the seed
-    return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+def _device_kind(trainer: pl.Trainer) -> str:
+    """``cpu`` or ``cuda:<device name>``: the kind of device the extraction runs on (part of the cache key)."""
+    dev = trainer.strategy.root_device
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return dev.type
 
 
-def describe(
-    trainer: pl.Trainer,
-    backbone: torch.nn.Module,
-    pool: torch.nn.Module,
-    ds: RetrievalDataset,
-    cfg: DictConfig,
-    cache: FeatureCache,
-    *,
-    queries: bool,
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """Multi-scale descriptors of the database images (``queries=False``) or of the cropped queries."""
-    paths = ds.queries if queries else ds.images
-    plans = plan_items(
-        paths,
-        ds.bbx if queries else None,
-        imsize=int(cfg.imsize),
-        scales=list(cfg.scales),
-        model_id=_model_id(cfg),
-        is_query=queries,
-    )
-    failures: dict[int, str] = {}
-    per_scale = []
-    for items in plans:
-        failures.update(
-            extract_maps(
-                trainer,
-                backbone,
-                items,
-                cache,
-                batch_size=int(cfg.batch_size),
-                batching=str(cfg.batching),
-                num_workers=int(cfg.num_workers),
-                overwrite=bool(cfg.overwrite),
-            )
+def _module_id(module: torch.nn.Module, node: Any) -> str:
+    """Config plus parameter/buffer values of a module: identifies the descriptors it computes."""
+    h = hashlib.sha256(json.dumps(_plain(node), sort_keys=True, default=str).encode())
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    h.update(buf.getvalue())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class Pipeline:
+    """The built objects a run shares between the test set and the whitening training set."""
+
+    cfg: DictConfig
+    trainer: pl.Trainer
+    backbone: torch.nn.Module
+    pool: torch.nn.Module
+    cache: FeatureCache
+    model: str
+    pool_id: str
+    used_keys: set[str] = field(default_factory=set)
+
+    def plans(self, infos: Sequence[ImageInfo], bbx: Sequence[Any] | None) -> list[list[ExtractionItem]]:
+        c = self.cfg
+        return plan_items(
+            infos,
+            bbx,
+            imsize=int(c.imsize),
+            scales=[float(s) for s in c.scales],
+            model=self.model,
+            batching=str(c.batching),
+            batch_size=int(c.batch_size),
+            resize=str(c.resize),
         )
-        if queries:  # plan_items already refused unreadable query files; a decode failure ends up here
-            bad = [str(paths[i]) for i, it in enumerate(items) if not cache.has(it.key)]
-            if bad:
-                raise ImageReadError(f"eval: query images could not be read: {bad[:5]}")
-        per_scale.append(pool_cached(items, cache, pool, batch_size=int(cfg.batch_size) * 8))
-    return combine_scales(per_scale, float(cfg.ms_power)), failures
+
+    def keys(self, items: Sequence[ExtractionItem]) -> list[str | None]:
+        """Cache keys of the items: their maps, or their pooled descriptors with ``store=descriptors``."""
+        if self.cfg.store == "maps":
+            return [it.key for it in items]
+        return [
+            hashlib.sha256(f"{it.key}|{self.pool_id}".encode()).hexdigest() if it.key is not None else None
+            for it in items
+        ]
+
+    def describe(self, plans: list[list[ExtractionItem]]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Descriptors (multi-scale) of the planned images, extracting what the cache lacks; failures by index."""
+        c = self.cfg
+        descriptors = c.store == "descriptors"
+        failures: dict[int, str] = {}
+        per_scale = []
+        for items in plans:
+            keys = self.keys(items)
+            self.used_keys.update(k for k in keys if k is not None)
+            for _attempt in range(3):
+                failures.update(
+                    extract_maps(
+                        self.trainer,
+                        self.backbone,
+                        items,
+                        self.cache,
+                        batch_size=int(c.batch_size),
+                        num_workers=int(c.num_workers),
+                        overwrite=bool(c.overwrite) and _attempt == 0,
+                        pool=self.pool if descriptors else None,
+                        keys=keys,
+                    )
+                )
+                desc, bad = pool_cached(
+                    items, self.cache, None if descriptors else self.pool, batch_size=int(c.batch_size) * 8, keys=keys
+                )
+                if not _any_rank(bool(bad)):
+                    break
+            else:
+                raise RuntimeError(
+                    f"eval: cache entries under {self.cache.root} cannot be read back right after being written "
+                    "(disk full or failing?)."
+                )
+            per_scale.append(desc)
+        return combine_scales(per_scale, float(c.ms_power)), failures
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` or-reduced over the DDP processes (the decision to re-extract must be the same everywhere)."""
+    if not distributed():
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _manifest_sha256(ds: RetrievalDataset) -> str:
@@ -161,97 +340,226 @@ def _manifest_sha256(ds: RetrievalDataset) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def positive_pairs(ds: RetrievalDataset) -> torch.Tensor:
-    """(query row, positive row) pairs of a training set, rows indexing ``cat(database, queries)``."""
+def positive_pairs(ds: RetrievalDataset, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Matching pairs of a training set as rows of ``cat(database, queries)``.
+
+    Every (query, easy/hard/ok positive) pair, and, where the dataset's manifest names the object of each database
+    image (``clutter_train``), every pair of database images of one object that is not junk for it. Pairs with
+    a row that is not ``valid`` (an unreadable image) are dropped.
+    """
     pairs = []
     n_db = ds.num_images
     for qi, g in enumerate(ds.gnd):
         pos = np.concatenate([g.get(k, np.array([], np.int64)) for k in ("easy", "hard", "ok")])
         pairs += [(n_db + qi, int(j)) for j in pos]
+    records = (getattr(ds, "extra", {}).get("manifest") or {}).get("images") or []
+    if len(records) == n_db:
+        by_object: dict[str, list[int]] = {}
+        for j, rec in enumerate(records):
+            if rec.get("object") is not None and rec.get("gt") in ("easy", "hard"):
+                by_object.setdefault(str(rec["object"]), []).append(j)
+        for members in by_object.values():
+            pairs += [(a, b) for i, a in enumerate(members) for b in members[i + 1 :]]
+    if valid is not None:
+        pairs = [(a, b) for a, b in pairs if bool(valid[a]) and bool(valid[b])]
     if not pairs:
         raise ConfigError(f"eval: the whitening training set {ds.name!r} has no positive pairs.")
     return torch.tensor(pairs, dtype=torch.long)
 
 
 def fit_whitening(
-    cfg: DictConfig,
-    trainer: pl.Trainer,
-    backbone: torch.nn.Module,
-    pool: torch.nn.Module,
-    test: RetrievalDataset,
-    cache: FeatureCache,
-    dim: int,
-) -> torch.nn.Module | None:
-    """Instantiate and fit ``cfg.whiten`` on its training set (refusing the test images unless forced)."""
+    cfg: DictConfig, pipe: Pipeline, train: RetrievalDataset, infos: tuple[list[ImageInfo], list[ImageInfo]], dim: int
+) -> torch.nn.Module:
+    """Instantiate and fit ``cfg.whiten`` on its training set (checked against the test set by :func:`run`)."""
     w = cfg.whiten
-    if w.get("module") is None:
-        return None
-    train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(test.name)
-    if train_name is None:
-        raise ConfigError(f"eval: no default whitening training set for {test.name!r}; set whiten_train=<dataset>.")
-    train = load_dataset(dataset_config(train_name), cfg)
-    overlap = {p.resolve() for p in train.images} & {p.resolve() for p in test.images + test.queries}
-    if (overlap or train.fingerprint == test.fingerprint) and not w.get("force_on_test", False):
-        raise ConfigError(
-            f"eval: whitening would be fitted on test images ({train.name!r} shares {len(overlap)} images with "
-            f"{test.name!r}); that inflates every number. Choose another whiten_train, or set "
-            f"whiten.force_on_test=true to do it anyway."
-        )
-    db, _ = describe(trainer, backbone, pool, train, cfg, cache, queries=False)
-    q, _ = describe(trainer, backbone, pool, train, cfg, cache, queries=True)
+    db, db_fail = pipe.describe(pipe.plans(infos[0], None))
+    q, q_fail = pipe.describe(pipe.plans(infos[1], train.bbx))
+    if q_fail:
+        raise ImageReadError(f"eval: whitening training queries of {train.name!r} could not be read: {q_fail}")
     x = torch.cat([db, q])
-    module = instantiate(w.module)(in_dim=dim, out_dim=w.get("dim"))
-    if w.fit == "learned":
-        module.fit_learned(x, positive_pairs(train))
-    elif w.fit == "pca":
-        module.fit_pca(x, shrinkage=float(w.get("shrinkage", 1.0)))
-    else:
-        raise ConfigError(f"eval: whiten.fit must be 'learned' or 'pca'; got {w.fit!r}.")
-    log.info("whitening (%s) fitted on %s: %d descriptors", w.fit, train.name, x.shape[0])
-    return module
+    valid = torch.ones(x.shape[0], dtype=torch.bool)
+    valid[list(db_fail)] = False
+    module = _instantiate(w.module, "whiten.module")(in_dim=dim, out_dim=w.get("dim"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if w.fit == "learned":
+            kwargs = {"center": str(w.center)} if w.get("center") is not None else {}
+            module.fit_learned(x, positive_pairs(train, valid), **kwargs)
+        else:
+            module.fit_pca(x[valid], shrinkage=float(w.get("shrinkage", 1.0)))
+    for msg in caught:
+        log.warning("whitening: %s", msg.message)
+    log.info(
+        "whitening (%s) fitted on %s: %d descriptors -> %d dims", w.fit, train.name, int(valid.sum()), module.out_dim
+    )
+    return module  # type: ignore[no-any-return]
 
 
-def rank(q: torch.Tensor, db: torch.Tensor, rerank: torch.nn.Module | None) -> torch.Tensor:
-    """Apply the re-ranker and rank by cosine similarity (ties to the lower database index)."""
+def rank(
+    q: torch.Tensor, db: torch.Tensor, rerank: torch.nn.Module | None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply the re-ranker and rank by cosine similarity (ties to the lower database index).
+
+    Database rows that are not ``valid`` (unreadable images) take no part in re-ranking (no query or database
+    expansion uses them) and come last in every ranking, in index order.
+    """
+    n = db.shape[0]
+    idx = torch.arange(n) if valid is None else torch.nonzero(valid).flatten()
+    sub = db[idx]
     if isinstance(rerank, DBA):
-        db = rerank(db)
+        sub = rerank(sub)
     elif isinstance(rerank, QueryExpansion):
-        q = rerank(q, db)
+        q = rerank(q, sub)
     elif rerank is not None:
         raise ConfigError(f"eval: unsupported re-ranker {type(rerank).__name__}.")
-    return torch.argsort(q @ db.T, dim=1, descending=True, stable=True)
+    order = idx[torch.argsort(q @ sub.T, dim=1, descending=True, stable=True)]
+    if valid is None or bool(valid.all()):
+        return order
+    rest = torch.nonzero(~valid).flatten()
+    return torch.cat([order, rest.expand(q.shape[0], -1)], dim=1)
+
+
+def _need_datasets(cfg: DictConfig) -> tuple[RetrievalDataset, RetrievalDataset | None, str | None]:
+    """Load the test set and (when whitening is on) its training set; missing ones are named with the reason."""
+    errors: list[str] = []
+    test: RetrievalDataset | None = None
+    train: RetrievalDataset | None = None
+    try:
+        test = load_dataset(cfg.dataset, cfg)
+    except DatasetNotFoundError as err:
+        errors.append(f"the test set: {err}")
+    train_name = None
+    if cfg.whiten.get("module") is not None:
+        test_name = test.name if test is not None else str(cfg.dataset.get("name", cfg.dataset.get("variant", "")))
+        train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(test_name)
+        if train_name is None:
+            raise ConfigError(
+                f"eval: no default whitening training set for {test_name!r}; set whiten_train=<dataset> or whiten=none."
+            )
+        why = (
+            f"{train_name!r} is needed to fit whiten={cfg.whiten.fit} "
+            + (
+                "(whiten_train)"
+                if cfg.get("whiten_train")
+                else f"(the default whitening training set for {test_name!r})"
+            )
+            + "; set whiten_train=<another dataset> or whiten=none to run without it"
+        )
+        try:
+            train = load_dataset(dataset_config(str(train_name)), cfg)
+        except DatasetNotFoundError as err:
+            errors.append(f"{why}: {err}")
+    if errors:
+        raise DatasetNotFoundError(
+            "eval: the run needs data that is not there. " + " ".join(f"({i}) {e}" for i, e in enumerate(errors, 1))
+        )
+    assert test is not None
+    return test, train, train_name
+
+
+def _check_queries(ds: RetrievalDataset, infos: Sequence[ImageInfo], role: str) -> None:
+    bad = [f"{info.path} ({info.error})" for info in infos if info.digest is None]
+    if bad:
+        raise ImageReadError(
+            f"eval: {len(bad)} {role} query image(s) of {ds.name!r} cannot be read (a query is never skipped): "
+            f"{'; '.join(bad[:5])}"
+        )
+
+
+def _check_whitening_guard(
+    cfg: DictConfig,
+    test: RetrievalDataset,
+    train: RetrievalDataset,
+    test_infos: Sequence[ImageInfo],
+    train_infos: Sequence[ImageInfo],
+) -> None:
+    """Refuse a whitening training set that shares image *content* with the test set (unless forced)."""
+    test_digests = {i.digest: i.path for i in test_infos if i.digest is not None}
+    shared = [i for i in train_infos if i.digest is not None and i.digest in test_digests]
+    if shared and not cfg.whiten.get("force_on_test", False):
+        example = f" (e.g. {shared[0].path} = {test_digests[shared[0].digest]})" if shared else ""
+        raise ConfigError(
+            f"eval: whitening would be fitted on test images ({train.name!r} shares {len(shared)} images with "
+            f"{test.name!r} by content{example}); that inflates every number. Choose another whiten_train, or set "
+            f"whiten.force_on_test=true to do it anyway."
+        )
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """The whole evaluation; returns the metric dict on the global-zero process (None elsewhere)."""
     cfg = with_default_dataset(cfg)
-    pl.seed_everything(int(cfg.seed), verbose=False)
+    check_config(cfg)
     t0 = time.perf_counter()
-    ds = load_dataset(cfg.dataset, cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer)
-    backbone = instantiate(cfg.backbone)
-    if cfg.get("ckpt_path"):
-        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
-        backbone.load_state_dict(state.get("backbone", state))
-    pool = instantiate(cfg.pool).eval()
+    pl.seed_everything(int(cfg.seed), verbose=False)
+    # 1. Build every object the config names (each validates its own arguments) and load the checkpoint.
+    trainer: pl.Trainer = _instantiate(cfg.trainer, "trainer")
+    backbone = _instantiate(cfg.backbone, "backbone")
+    ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"))
+    pool = _instantiate(cfg.pool, "pool").eval()
+    rerank = _instantiate(cfg.rerank, "rerank") if cfg.rerank.get("_target_") else None
+    if rerank is not None and not isinstance(rerank, (DBA, QueryExpansion)):
+        raise ConfigError(f"eval: unsupported re-ranker {type(rerank).__name__}.")
+    in_channels = getattr(backbone, "out_channels", None)
+    dim = pool.out_dim(in_channels) if in_channels is not None and hasattr(pool, "out_dim") else None
+    wdim = _plain(cfg.whiten.get("dim")) if cfg.whiten.get("module") is not None else None
+    if dim is not None and wdim is not None and wdim > dim:
+        raise ConfigError(
+            f"eval: invalid configuration: whiten.dim must be at most the pooled dimension {dim} "
+            f"({type(pool).__name__} on {in_channels} channels); got {wdim}."
+        )
+    # 2. Every dataset the run needs, every query image, and the whitening guard, before any extraction.
+    ds, train, _ = _need_datasets(cfg)
+    q_infos, db_infos = inspect_images(ds.queries), inspect_images(ds.images)
+    _check_queries(ds, q_infos, "test")
+    train_infos: tuple[list[ImageInfo], list[ImageInfo]] | None = None
+    if train is not None:
+        train_infos = (inspect_images(train.images), inspect_images(train.queries))
+        _check_queries(train, train_infos[1], "whitening training")
+        _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0] + train_infos[1])
+    # 3. Extraction (cached), descriptors, whitening, ranking.
+    precision = str(trainer.precision)
+    model = model_id(
+        backbone=_plain(cfg.backbone),
+        ckpt_sha256=ckpt_sha256,
+        precision=precision,
+        device=_device_kind(trainer),
+        seed=None if cfg.backbone.get("pretrained", True) else int(cfg.seed),
+    )
     cache = FeatureCache(Path(cfg.cache_dir))
-    db, failures = describe(trainer, backbone, pool, ds, cfg, cache, queries=False)
-    q, _ = describe(trainer, backbone, pool, ds, cfg, cache, queries=True)
-    whiten = fit_whitening(cfg, trainer, backbone, pool, ds, cache, db.shape[1])
-    if whiten is not None:
+    pipe = Pipeline(cfg, trainer, backbone, pool, cache, model, _module_id(pool, cfg.pool))
+    q, q_fail = pipe.describe(pipe.plans(q_infos, ds.bbx))
+    if q_fail:
+        raise ImageReadError(f"eval: query images could not be read: {[str(ds.queries[i]) for i in q_fail][:5]}")
+    db, failures = pipe.describe(pipe.plans(db_infos, None))
+    valid = torch.ones(ds.num_images, dtype=torch.bool)
+    valid[list(failures)] = False
+    whiten = None
+    if train is not None and train_infos is not None:
+        whiten = fit_whitening(cfg, pipe, train, train_infos, db.shape[1])
         with torch.no_grad():
             db, q = whiten(db), whiten(q)
-    rerank = instantiate(cfg.rerank) if cfg.rerank.get("_target_") else None
-    ranks = rank(q, db, rerank)
-    # Every process scores its share of the queries; compute() gathers the list states over the DDP world.
-    mine = torch.arange(trainer.global_rank, ds.num_queries, trainer.world_size)
+    ranks = rank(q, db, rerank, valid)
+    # Under DDP (a process group is up) every process scores its share; compute() gathers the list states. When
+    # nothing had to be extracted no group was started, and this process scores every query itself.
+    world, me = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed() else (1, 0)
+    mine = torch.arange(me, ds.num_queries, world)
     metric = RevisitedMAP(ds.gnd, kappas=tuple(cfg.kappas))
     metric.update(ranks[mine], mine)
     results = metric.compute()
-    if not trainer.is_global_zero:
+    if me != 0 or not trainer.is_global_zero:
         return None
     elapsed = time.perf_counter() - t0
     out_dir = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+    run_bytes = cache.nbytes(sorted(pipe.used_keys))
+    n_files, folder_bytes = cache.folder_nbytes()
     meta = {
         "dataset": ds.name,
         "protocol": ds.protocol,
@@ -260,21 +568,41 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "dataset_fingerprint": ds.fingerprint,
         "manifest_sha256": _manifest_sha256(ds),
         "backbone": cfg.backbone._target_,
+        "ckpt_sha256": ckpt_sha256,
         "pool": cfg.pool._target_,
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",
+        "whiten_train": train.name if train is not None else None,
+        "whiten_dim": int(whiten.out_dim) if whiten is not None else None,
         "rerank": repr(rerank) if rerank is not None else "none",
         "imsize": cfg.imsize,
-        "precision": str(cfg.precision),
         "scales": list(cfg.scales),
-        "unreadable_database_images": {str(ds.images[i]): r for i, r in failures.items()},
+        "resize": cfg.resize,
+        "batching": cfg.batching,
+        "precision": precision,
+        "device": _device_kind(trainer),
+        "unreadable_database_images": {str(ds.images[i]): r for i, r in sorted(failures.items())},
+        "cache": {
+            "dir": str(cache.root),
+            "store": str(cfg.store),
+            "entries_used": len(pipe.used_keys),
+            "bytes_used": run_bytes,
+            "folder_files": n_files,
+            "folder_bytes": folder_bytes,
+            "widened_to_float32": cache.widened,
+        },
         "seconds": round(elapsed, 1),
         "torch": torch.__version__,
     }
     table = format_table(results, cfg.kappas)
     print(
         f"\n{ds.name} ({ds.protocol} protocol, {ds.num_queries} queries, {ds.num_images} images): "
-        f"{meta['backbone']} + {meta['pool']}, whiten={meta['whiten']}, rerank={meta['rerank']}\n{table}"
+        f"{meta['backbone']} + {meta['pool']}, whiten={meta['whiten']}, rerank={meta['rerank']}, "
+        f"precision={precision}\n{table}"
     )
+    if failures:
+        print(
+            f"{len(failures)} unreadable database image(s) ranked last: {list(meta['unreadable_database_images'])[:5]}"
+        )
     files = write_results(
         out_dir,
         results=results,
@@ -282,6 +610,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         config_yaml=OmegaConf.to_yaml(cfg),
         meta=meta,
         query_names=[p.stem for p in ds.queries],
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
     )
     n_vis = min(int(cfg.num_vis_queries), ds.num_queries)
     if n_vis > 0:
@@ -294,17 +623,24 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             gnd=ds.gnd,
             query_ids=np.linspace(0, ds.num_queries - 1, n_vis).round().astype(int).tolist(),
         )
+    print(
+        f"feature cache ({cfg.store}): {len(pipe.used_keys)} entries used by this run, {_fmt_bytes(run_bytes)}; "
+        f"{cache.root} holds {n_files} files, {_fmt_bytes(folder_bytes)}"
+    )
     print(f"results: {files['markdown']} (took {elapsed:.0f} s)")
     return results
 
 
+USER_ERRORS = (DatasetNotFoundError, ConfigError, ImageReadError)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; user errors (missing data, bad config) exit with code 2 and one paragraph."""
+    """Hydra entry point; user errors (missing data, bad config, unreadable query) exit with code 2, one paragraph."""
     try:
         run(cfg)
-    except (DatasetNotFoundError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -68,15 +68,25 @@ def write_results(
     config_yaml: str,
     meta: dict[str, Any],
     query_names: Sequence[str],
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.md``, ``per_query_ap.csv`` and ``config.yaml`` into ``out_dir``.
 
     ``per_query_ap.csv`` has one row per query (name, then AP per setup; empty for a query without positives)
-    so that two runs can be compared query by query (e.g. a paired sign test).
+    so that two runs can be compared query by query (e.g. a paired sign test). ``config`` (the resolved run
+    config as a plain dict) is stored in ``results.json`` under ``"config"``, so that tools such as
+    ``python -m lightning_apps.summarize`` can show every setting that differs between runs.
     """
     out_dir = Path(out_dir)
     table = format_table(results, kappas)
-    payload = {"meta": meta, "kappas": list(kappas), "protocol": PROTOCOL_NOTES, "results": _jsonable(results)}
+    payload: dict[str, Any] = {
+        "meta": meta,
+        "kappas": list(kappas),
+        "protocol": PROTOCOL_NOTES,
+        "results": _jsonable(results),
+    }
+    if config is not None:
+        payload["config"] = config
     files = {
         "json": out_dir / "results.json",
         "markdown": out_dir / "results.md",

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,9 @@ from PIL import Image
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.metrics import evaluate_revisited
 from lightning_apps import eval as app
-from lightning_apps.extract import FeatureCache, SizeBucketSampler, extract_maps, plan_items
 from lightning_apps.metrics import RevisitedMAP
+
+from ._fakedata import copy_as_old_protocol, make_fake_revisitop, truncate_image
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -33,39 +33,6 @@ FAST = [
     "num_vis_queries=2",
     "trainer.enable_progress_bar=false",
 ]
-
-
-def _photos() -> list[np.ndarray]:
-    root = Path(next(iter(importlib.util.find_spec("sklearn").submodule_search_locations))) / "datasets" / "images"
-    return [np.asarray(Image.open(root / n).convert("RGB")) for n in ("china.jpg", "flower.jpg")]
-
-
-def make_fake_revisitop(data_root: Path, name: str = "roxford5k") -> Path:
-    """Two real photos, five crops each as the database, the whole photos as queries (revisitop layout)."""
-    root = data_root / "datasets" / name
-    (root / "jpg").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    imlist, qimlist, gnd = [], [], []
-    for p, photo in enumerate(_photos()):
-        h, w = photo.shape[:2]
-        for v in range(5):
-            ch, cw = int(h * 0.6), int(w * 0.6)
-            y, x = int(rng.integers(0, h - ch)), int(rng.integers(0, w - cw))
-            Image.fromarray(photo[y : y + ch, x : x + cw]).save(root / "jpg" / f"p{p}_v{v}.jpg")
-            imlist.append(f"p{p}_v{v}")
-        Image.fromarray(photo).save(root / "jpg" / f"q{p}.jpg")
-        qimlist.append(f"q{p}")
-        gnd.append(
-            {
-                "bbx": [50.0, 40.0, 400.0, 300.0],
-                "easy": np.arange(p * 5, p * 5 + 3),
-                "hard": np.arange(p * 5 + 3, p * 5 + 5),
-                "junk": np.array([], dtype=np.int64),
-            }
-        )
-    with (root / f"gnd_{name}.pkl").open("wb") as fh:
-        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, fh)
-    return root
 
 
 def _compose(overrides: list[str]):
@@ -257,90 +224,58 @@ def test_bad_whiten_train_exits_2(fake_root: Path) -> None:
     assert "no dataset config 'nonexistent'" in proc.stderr
 
 
-def test_ddp_two_processes_equal_one(fake_root: Path) -> None:
+def _csv(path: Path) -> str:
+    return path.read_text()
+
+
+def _meta(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())["meta"]
+
+
+def test_ddp_equals_one_process_on_empty_and_full_cache(fake_root: Path) -> None:
+    """Issue 6.1: DDP on a full cache (no process group is started) and the failure report of every shard."""
+    jpg = fake_root / "data" / "datasets" / "roxford5k" / "jpg"
+    # Ten equal-size database images, batches of 8: index 1 is on rank 0's batch, index 9 on rank 1's.
+    for name in ("p0_v1", "p1_v4"):
+        truncate_image(jpg / f"{name}.jpg")
     common = ["+dataset=roxf", f"data_root={fake_root / 'data'}", "+dataset.check_counts=false", "whiten=none", *FAST]
-    one = _cli([*common, f"output_dir={fake_root / 'one'}", f"cache_dir={fake_root / 'c1'}"], fake_root / "h1")
-    assert one.returncode == 0, one.stderr[-3000:]
+    common = [c for c in common if not c.startswith("backbone.pretrained")] + ["num_vis_queries=0"]
+    # one process, in-process, fills cache c1
+    _run(
+        ["whiten=none", "backbone.pretrained=true", "num_vis_queries=0", f"cache_dir={fake_root / 'c1'}"],
+        fake_root,
+        "one",
+    )
+    # DDP on an empty cache: every shard's unreadable image is reported
     two = _cli(
         [*common, "trainer=ddp", f"output_dir={fake_root / 'two'}", f"cache_dir={fake_root / 'c2'}"], fake_root / "h2"
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert (fake_root / "one" / "per_query_ap.csv").read_text() == (fake_root / "two" / "per_query_ap.csv").read_text()
-    # The two processes wrote the cache between them: the same set of files as one process.
+    assert _csv(fake_root / "one" / "per_query_ap.csv") == _csv(fake_root / "two" / "per_query_ap.csv")
+    want = {str(jpg / "p0_v1.jpg"), str(jpg / "p1_v4.jpg")}
+    assert set(_meta(fake_root / "one")["unreadable_database_images"]) == want
+    assert set(_meta(fake_root / "two")["unreadable_database_images"]) == want
     c1 = sorted(p.name for p in (fake_root / "c1").rglob("*.pt"))
-    c2 = sorted(p.name for p in (fake_root / "c2").rglob("*.pt"))
-    assert c1 == c2
+    assert c1 == sorted(p.name for p in (fake_root / "c2").rglob("*.pt"))
+    # DDP again on the full cache c1 with another pooling: nothing to extract, same numbers as one process
+    ddp_mac = _cli(
+        [*common, "trainer=ddp", "pool=mac", f"output_dir={fake_root / 'ddp_mac'}", f"cache_dir={fake_root / 'c1'}"],
+        fake_root / "h3",
+    )
+    assert ddp_mac.returncode == 0, ddp_mac.stderr[-3000:]
+    _run(
+        ["whiten=none", "backbone.pretrained=true", "num_vis_queries=0", "pool=mac", f"cache_dir={fake_root / 'c1'}"],
+        fake_root,
+        "one_mac",
+    )
+    assert _csv(fake_root / "one_mac" / "per_query_ap.csv") == _csv(fake_root / "ddp_mac" / "per_query_ap.csv")
+    assert set(_meta(fake_root / "ddp_mac")["unreadable_database_images"]) == want
+    assert sorted(p.name for p in (fake_root / "c1").rglob("*.pt")) == c1
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Cache, sampler, metric
 # --------------------------------------------------------------------------------------------------------------
-
-
-def test_cache_write_crash_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = FeatureCache(tmp_path / "cache")
-
-    def boom(obj, fh, *args, **kwargs):
-        fh.write(b"half a file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(KeyboardInterrupt):
-        cache.put("ab" + "0" * 62, torch.ones(2, 3, 4))
-    assert not cache.has("ab" + "0" * 62)
-    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "ab"]
-
-
-def test_interrupted_extraction_resumes(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pytorch_lightning as pl
-
-    from deepagg.backbones import mobilenet_v2
-
-    ds_root = fake_root / "data" / "datasets" / "roxford5k" / "jpg"
-    paths = sorted(ds_root.glob("p*.jpg"))
-    items = plan_items(paths, None, imsize=96, scales=[1.0], model_id="m", is_query=False)[0]
-    cache = FeatureCache(fake_root / "cache")
-    net = mobilenet_v2(pretrained=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-    )
-    real_put = FeatureCache.put
-    calls = {"n": 0}
-
-    def crash_after_three(self, key, fmap):
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        calls["n"] += 1
-        real_put(self, key, fmap)
-
-    monkeypatch.setattr(FeatureCache, "put", crash_after_three)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        extract_maps(trainer, net, items, cache, batch_size=2)
-    assert sum(cache.has(it.key) for it in items) == 3
-    assert not list((fake_root / "cache").rglob("*.tmp"))
-    monkeypatch.setattr(FeatureCache, "put", real_put)
-    written = []
-    monkeypatch.setattr(FeatureCache, "put", lambda self, key, fmap: (written.append(key), real_put(self, key, fmap)))
-    extract_maps(trainer, net, items, cache, batch_size=2)
-    assert len(written) == len(items) - 3
-    assert all(cache.has(it.key) for it in items)
-
-
-def test_size_bucket_sampler_exact_and_sharded() -> None:
-    sizes = [(4, 5), (3, 3), (4, 5), (3, 3), (4, 5), (2, 2)]
-    batches = list(SizeBucketSampler(sizes, 2))
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
-    r0 = list(SizeBucketSampler(sizes, 2, rank=0, world_size=2))
-    r1 = list(SizeBucketSampler(sizes, 2, rank=1, world_size=2))
-    assert sorted(i for b in r0 + r1 for i in b) == list(range(6))
-    assert list(SizeBucketSampler([(1, 1)], 2, rank=1, world_size=2)) == [[]]
 
 
 def test_revisited_map_metric_matches_library_and_checks_coverage() -> None:
@@ -467,3 +402,273 @@ def test_combine_scales_generalised_mean() -> None:
     torch.testing.assert_close(combine_scales([a, b]), torch.nn.functional.normalize(a + b, dim=-1))
     want = torch.nn.functional.normalize(((a**3 + b**3) / 2) ** (1 / 3), dim=-1)
     torch.testing.assert_close(combine_scales([a, b], p=3.0), want)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 6: numbers a user can trust
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _entries(root: Path) -> set[str]:
+    return {p.name for p in (root / "data" / "features").rglob("*.pt")}
+
+
+@pytest.mark.weights
+def test_checkpoint_is_keyed_by_content(fake_root: Path) -> None:
+    """Issue 6.2a: overwrite the checkpoint file with other weights and rerun: new maps, new numbers."""
+    from deepagg.backbones import mobilenet_v2
+
+    ckpt = fake_root / "model.pt"
+    state = mobilenet_v2(pretrained=True).state_dict()
+    torch.save(state, ckpt)
+    first = _run(["whiten=none", f"ckpt_path={ckpt}"], fake_root, "a")
+    entries = _entries(fake_root)
+    gen = torch.Generator().manual_seed(0)
+    torch.save(
+        {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state.items()},
+        ckpt,
+    )
+    second = _run(["whiten=none", f"ckpt_path={ckpt}"], fake_root, "b")
+    assert len(_entries(fake_root)) == 2 * len(entries)
+    assert not np.array_equal(first["medium"]["aps"], second["medium"]["aps"])
+    assert _meta(fake_root / "b")["ckpt_sha256"] != _meta(fake_root / "a")["ckpt_sha256"]
+    # a Lightning-style checkpoint ({"state_dict": {"backbone.<name>": ...}}) of the same weights hits the cache
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in torch.load(ckpt).items()}}, fake_root / "lit.ckpt")
+    third = _run(["whiten=none", f"ckpt_path={fake_root / 'lit.ckpt'}"], fake_root, "c")
+    assert len(_entries(fake_root)) == 3 * len(entries)  # other bytes: other key, same numbers
+    np.testing.assert_array_equal(third["medium"]["aps"], second["medium"]["aps"])
+
+
+def test_trainer_precision_override_is_keyed_and_reported(fake_root: Path) -> None:
+    """Issue 6.2b: trainer.precision=bf16-mixed is the precision used, keyed and reported (not the top-level 32)."""
+    _run(["whiten=none"], fake_root, "fp32")
+    entries = _entries(fake_root)
+    _run(["whiten=none", "trainer.precision=bf16-mixed"], fake_root, "bf16")
+    assert _meta(fake_root / "fp32")["precision"] == "32-true"
+    assert _meta(fake_root / "bf16")["precision"] == "bf16-mixed"
+    assert len(_entries(fake_root)) == 2 * len(entries)
+    assert _meta(fake_root / "bf16")["device"] == "cpu"
+
+
+def test_sizes_that_give_the_same_pixels_share_entries(fake_root: Path) -> None:
+    """Issue 6.3: imsize above the native size is capped (documented) and never extracted twice."""
+    _run(["whiten=none", "imsize=4096"], fake_root, "a")
+    entries = _entries(fake_root)
+    _run(["whiten=none", "imsize=8192"], fake_root, "b")
+    assert _entries(fake_root) == entries
+    # a scale above 1 enlarges, as cirtorch's multi-scale does: a new size, new entries
+    _run(["whiten=none", "imsize=128", "scales=[1.0,1.5]"], fake_root, "c")
+    assert len(_entries(fake_root)) == 3 * len(entries)
+
+
+BAD_OVERRIDES = [
+    (["imsize=-5"], r"imsize must be an int >= 32 \(the long side in pixels\); got -5\."),
+    (["imsize=0"], r"imsize must be an int >= 32 .*; got 0\."),
+    (["imsize=abc"], r"imsize must be an int >= 32 .*; got 'abc'\."),
+    (["scales=[0.01]"], r"long side of at least 32 px at imsize=128; scales \[0\.01\] give \[1\] px"),
+    (["scales=[]"], r"scales must be a non-empty list of positive numbers, e\.g\. \[1\.0\]; got \[\]\."),
+    (["scales=[1.0,1.0]"], r"scales must be distinct; got \[1\.0, 1\.0\]\."),
+    (["scales=[1.0,-0.5]"], r"scales must be finite numbers > 0; got \[1\.0, -0\.5\]\."),
+    (["batch_size=0"], r"batch_size must be an int >= 1; got 0\."),
+    (["kappas=[0]"], r"kappas must be a non-empty list of ints >= 1 \(the k of mP@k\); got \[0\]\."),
+    (["ms_power=0"], r"ms_power must be a finite number > 0; got 0\."),
+    (["batching=foo"], r"batching must be one of \['exact', 'pad'\]; got 'foo'\."),
+    (["resize=foo"], r"resize must be one of \['torchvision', 'cirtorch'\]; got 'foo'\."),
+    (["store=foo"], r"store must be one of \['maps', 'descriptors'\]; got 'foo'\."),
+    (["num_workers=-1"], r"num_workers must be an int >= 0; got -1\."),
+    (["whiten=pca", "whiten.dim=5000"], r"whiten.dim must be at most the pooled dimension 1280 .*got 5000"),
+    (["whiten=learned", "whiten.center=mean"], r"whiten\.center must be 'all' or 'queries'; got 'mean'\."),
+    (["whiten=pca", "whiten.shrinkage=-1"], r"whiten\.shrinkage must be a finite number >= 0; got -1\."),
+    (["rerank=aqe", "rerank.k=-1"], r"rerank cannot be built from .*k must be >= 0; got -1\."),
+    (["pool=gem", "pool.p=-2"], r"pool cannot be built from .*p"),
+    (["ckpt_path=/nonexistent/model.pt"], r"ckpt_path '/nonexistent/model\.pt' is not a file\."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"), BAD_OVERRIDES, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_bad_overrides_fail_before_any_work(fake_root: Path, overrides: list[str], message: str) -> None:
+    """Issue 6.3/6.4: every user error is one ConfigError before any extraction (no cache folder is made)."""
+    with pytest.raises(app.ConfigError, match=message):
+        _run(["whiten=none", *overrides], fake_root)
+    assert not (fake_root / "data" / "features").exists()
+
+
+def test_all_problems_are_reported_at_once(fake_root: Path) -> None:
+    with pytest.raises(app.ConfigError, match=r"ms_power must be .* batch_size must be .* kappas must be"):
+        _run(["whiten=none", "batch_size=0", "kappas=[0]", "ms_power=0"], fake_root)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batch_size=0"], "batch_size must be an int >= 1; got 0."),
+        (["imsize=abc"], "imsize must be an int >= 32 (the long side in pixels); got 'abc'."),
+    ],
+)
+def test_bad_override_exits_2_without_traceback(fake_root: Path, overrides: list[str], message: str) -> None:
+    proc = _cli(
+        ["+dataset=roxf", f"data_root={fake_root / 'data'}", "+dataset.check_counts=false", *FAST, *overrides],
+        fake_root,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert message in err[0]
+
+
+def test_unreadable_query_exits_2_before_extraction(fake_root: Path) -> None:
+    (fake_root / "data" / "datasets" / "roxford5k" / "jpg" / "q1.jpg").write_bytes(b"broken")
+    proc = _cli(
+        ["+dataset=roxf", f"data_root={fake_root / 'data'}", "+dataset.check_counts=false", "whiten=none", *FAST],
+        fake_root,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "1 test query image(s) of 'roxford5k' cannot be read" in proc.stderr
+    assert "q1.jpg" in proc.stderr
+    assert not (fake_root / "data" / "features").exists()
+
+
+def test_missing_whitening_set_is_named_with_its_reason_up_front(fake_root: Path) -> None:
+    """Issue 6.4: +dataset=roxf with whiten=learned and no RPar: say so before extracting ROxf."""
+    with pytest.raises(DatasetNotFoundError) as info:
+        _run([], fake_root)  # whiten=learned by default; there is no rparis6k
+    text = str(info.value)
+    assert "'rparis6k' is needed to fit whiten=learned (the default whitening training set for 'roxford5k')" in text
+    assert "set whiten_train=<another dataset> or whiten=none" in text
+    assert "python -m deepagg.data.download rparis6k" in text
+    assert not (fake_root / "data" / "features").exists()
+
+
+@pytest.fixture
+def train_set(fake_root: Path) -> Path:
+    """A whitening training set (rparis6k) that shares no image content with the fake roxford5k."""
+    make_fake_revisitop(fake_root / "data", "rparis6k", seed=1, flip_db=True, flip_queries=True)
+    return fake_root
+
+
+@pytest.mark.usefixtures("lenient_dataset_configs")
+@pytest.mark.parametrize(
+    ("whiten", "rerank"), [("learned", "dba"), ("pca", "aqe"), ("learned", "alpha_qe"), ("none", "dba")]
+)
+def test_unreadable_database_image_ranks_last_on_every_path(
+    train_set: Path, monkeypatch: pytest.MonkeyPatch, whiten: str, rerank: str
+) -> None:
+    """Issue 6.5: after whitening and re-ranking an unreadable image is still last (not l2n(-P mu), no neighbours)."""
+    truncate_image(train_set / "data" / "datasets" / "roxford5k" / "jpg" / "p0_v2.jpg")
+    seen = []
+    real_rank = app.rank
+    monkeypatch.setattr(app, "rank", lambda *a, **k: seen.append(real_rank(*a, **k)) or seen[-1])
+    _run([f"whiten={whiten}", f"rerank={rerank}", "rerank.k=3", "backbone.pretrained=true"], train_set)
+    ranks = seen[0]
+    assert ranks.shape == (2, 10)
+    assert ranks[:, -1].tolist() == [2, 2]
+    assert all(sorted(r) == list(range(10)) for r in ranks.tolist())
+
+
+def test_rank_keeps_invalid_rows_out_of_reranking() -> None:
+    from deepagg.functional import l2n
+    from deepagg.nn import DBA, QueryExpansion
+
+    g = torch.Generator().manual_seed(0)
+    db = l2n(torch.randn(6, 4, generator=g))
+    db[3] = l2n(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))[0]  # whatever an unreadable row became after whitening
+    q = db[3:4].clone()  # the query is most similar to the invalid row
+    valid = torch.tensor([True, True, True, False, True, True])
+    for rr in (None, DBA(k=2), QueryExpansion(k=2, alpha=0.0)):
+        ranks = app.rank(q, db, rr, valid)
+        assert ranks[0, -1] == 3
+        sub = app.rank(q, db[valid], rr)  # the same as ranking the valid rows alone
+        assert ranks[0, :-1].tolist() == torch.tensor([0, 1, 2, 4, 5])[sub[0]].tolist()
+
+
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_whitening_guard_compares_content_not_paths(fake_root: Path) -> None:
+    """Issue 6.6: a byte-identical copy of ROxf in cirtorch's layout as oxford5k is refused as a training set."""
+    copy_as_old_protocol(fake_root / "data" / "datasets" / "roxford5k", fake_root / "data")
+    with pytest.raises(app.ConfigError, match=r"'oxford5k' shares 12 images with 'roxford5k' by content \(e\.g\. "):
+        _run(["whiten=pca", "whiten_train=oxford5k"], fake_root)
+    assert not (fake_root / "data" / "features").exists()
+
+
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_whitening_guard_checks_the_training_queries(fake_root: Path) -> None:
+    make_fake_revisitop(fake_root / "data", "rparis6k", seed=1, flip_db=True, flip_queries=False)
+    with pytest.raises(app.ConfigError, match=r"'rparis6k' shares 2 images with 'roxford5k' by content"):
+        _run(["whiten=pca"], fake_root)
+
+
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_rank_deficient_learned_whitening_warns_and_caps(train_set: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 6.7: 12 images with 10 pairs cannot determine 1280 dimensions: warn, cap, report the dim used."""
+    with caplog.at_level("WARNING", logger="lightning_apps.eval"):
+        _run(["whiten=learned", "backbone.pretrained=true"], train_set)
+    meta = _meta(train_set / "out")
+    assert meta["whiten_dim"] == 10  # rank of the 10 query-positive differences (distinct images)
+    assert any("determine only 10 of the 1280 requested dimensions" in r.getMessage() for r in caplog.records)
+
+
+def test_positive_pairs_add_same_object_database_pairs() -> None:
+    records = [{"object": "a", "gt": "easy"}, {"object": "a", "gt": "hard"}, {"object": "a", "gt": "junk"}]
+    records += [{"object": None, "gt": None}, {"object": "b", "gt": "easy"}, {"object": "b", "gt": "hard"}]
+    ds = type(
+        "D",
+        (),
+        {
+            "num_images": 6,
+            "name": "x",
+            "gnd": [{"easy": np.array([0]), "hard": np.array([1]), "junk": np.array([2])}],
+            "extra": {"manifest": {"images": records}},
+        },
+    )()
+    assert app.positive_pairs(ds).tolist() == [[6, 0], [6, 1], [0, 1], [4, 5]]
+    valid = torch.tensor([True, False, True, True, True, True, True])
+    assert app.positive_pairs(ds, valid).tolist() == [[6, 0], [4, 5]]
+
+
+def test_cache_size_is_reported(fake_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 6.11: the run says how much disk its entries take and how big the cache folder is."""
+    _run(["whiten=none"], fake_root)
+    out = capsys.readouterr().out
+    meta = _meta(fake_root / "out")["cache"]
+    files = list((fake_root / "data" / "features").rglob("*.pt"))
+    assert meta["entries_used"] == len(files) == 12
+    assert meta["bytes_used"] == sum(p.stat().st_size for p in files)
+    assert meta["store"] == "maps"
+    assert "feature cache (maps): 12 entries used by this run" in out
+
+
+@pytest.mark.weights
+def test_corrupt_cache_entries_are_recomputed(fake_root: Path) -> None:
+    """Issue 6.11: a zero-length file (power cut) and a truncated one are detected and recomputed."""
+    first = _run(["whiten=none", "backbone.pretrained=true"], fake_root, "a")
+    files = sorted((fake_root / "data" / "features").rglob("*.pt"))
+    files[0].write_bytes(b"")
+    files[1].write_bytes(files[1].read_bytes()[:100])
+    second = _run(["whiten=none", "backbone.pretrained=true"], fake_root, "b")
+    np.testing.assert_array_equal(first["medium"]["aps"], second["medium"]["aps"])
+    assert files[0].stat().st_size > 100
+    assert torch.load(files[1]).ndim == 3
+
+
+@pytest.mark.weights
+def test_store_descriptors_gives_the_same_numbers_with_less_disk(fake_root: Path) -> None:
+    maps = _run(["whiten=none", "backbone.pretrained=true"], fake_root, "maps")
+    descs = _run(
+        ["whiten=none", "backbone.pretrained=true", "store=descriptors", f"cache_dir={fake_root / 'd'}"], fake_root, "d"
+    )
+    np.testing.assert_allclose(descs["medium"]["aps"], maps["medium"]["aps"], atol=1e-9)
+    # 4 x 3 x 1280 float16 maps here vs 1280 float32 vectors; at 512 px with VGG16, 0.65 MB vs 2 KB
+    assert _meta(fake_root / "d")["cache"]["bytes_used"] * 3 < _meta(fake_root / "maps")["cache"]["bytes_used"]
+
+
+def test_resize_cirtorch_is_its_own_cache_entry(fake_root: Path) -> None:
+    _run(["whiten=none"], fake_root, "tv")
+    entries = _entries(fake_root)
+    results = _run(["whiten=none", "resize=cirtorch", "scales=[1.0,0.7071067811865476]"], fake_root, "ct")
+    assert len(_entries(fake_root)) == 3 * len(entries)
+    assert _meta(fake_root / "ct")["resize"] == "cirtorch"
+    assert 0.0 <= results["medium"]["map"] <= 1.0
