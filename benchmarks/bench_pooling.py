@@ -58,6 +58,7 @@ def run(quick: bool = False) -> list[dict]:
         mask[i, :hh, :ww] = True
     cases = [
         ("gem", lambda: F.gem(x), lambda: ref_gem_loop(x)),
+        ("gem, p=7.6", lambda: F.gem(x, p=7.6), lambda: ref_gem_loop(x, p=7.6)),
         ("rmac", lambda: F.rmac(x), lambda: ref_rmac_loop(x)),
         ("crow", lambda: F.crow(x), lambda: ref_crow_loop(x)),
         ("gem, padded+mask", lambda: F.gem(x, mask=mask), lambda: ref_masked_gem_loop(x, sizes)),

@@ -60,6 +60,18 @@ class TestL2N(BaseTester):
     def test_dtype_preserved(self, dt: torch.dtype) -> None:
         assert F.l2n(torch.randn(2, 3, dtype=dt)).dtype == dt
 
+    @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+    def test_half_rows_with_large_norm(self, dt: torch.dtype) -> None:
+        # 512 entries of 3000: the norm 67882 overflows float16; the unit row must not become zeros.
+        x = torch.full((2, 512), 3000.0, dtype=dt)
+        x[1, :256] = 0
+        out = F.l2n(x)
+        assert out.dtype == dt
+        want = torch.nn.functional.normalize(x.double(), dim=-1)
+        self.assert_close(out, want)
+        assert torch.isfinite(out).all()
+        assert (out.float().norm(dim=-1) - 1).abs().max() < 1e-2
+
     def test_compile(self) -> None:
         x = torch.randn(3, 4)
         self.assert_close(torch.compile(deepagg.L2N(), backend="eager", fullgraph=True)(x), F.l2n(x))

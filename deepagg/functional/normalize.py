@@ -12,7 +12,9 @@ __all__ = ["l2n", "power_norm"]
 def l2n(x: torch.Tensor, *, eps: float = 1e-6, dim: int = -1) -> torch.Tensor:
     r"""L2-normalise along ``dim``: :math:`x / \max(\|x\|_2, \epsilon)`.
 
-    A zero vector stays zero (its norm is floored at ``eps``); gradients are finite everywhere.
+    A zero vector stays zero (its norm is floored at ``eps``); gradients are finite everywhere. The norm is
+    computed in at least float32 (a float16 row with norm above 65504 would otherwise normalise to zeros) and
+    the output has the input dtype.
 
     Args:
         x: Descriptors, e.g. of shape :math:`(B, D)`; any rank >= 1.
@@ -34,7 +36,9 @@ def l2n(x: torch.Tensor, *, eps: float = 1e-6, dim: int = -1) -> torch.Tensor:
         check_shape(x, "B,D", name="x", fn="l2n", hint="Pass a tensor with at least one dimension.")
     check_floating(x, name="x", fn="l2n")
     check_positive(eps, name="eps", fn="l2n")
-    return torch.nn.functional.normalize(x, p=2.0, dim=dim, eps=eps)
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.nn.functional.normalize(x, p=2.0, dim=dim, eps=eps)
+    return torch.nn.functional.normalize(x.float(), p=2.0, dim=dim, eps=eps).to(x.dtype)
 
 
 def power_norm(x: torch.Tensor, *, alpha: float = 0.5, eps: float = 1e-12) -> torch.Tensor:

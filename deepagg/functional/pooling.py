@@ -7,6 +7,12 @@ raw pooled vectors :math:`(B, C)`; the :mod:`deepagg.nn` modules L2-normalise th
 
 An image whose mask is all False has no valid position: that is an error (``RuntimeError`` raised through
 ``torch._assert_async``, which stays inside a compiled graph), never a silent ``-inf`` or ``nan`` descriptor.
+
+Precision: every sum, mean, norm, power and log runs in at least float32 (float16 and bfloat16 maps are upcast)
+and the result is cast back to the input dtype, so a half-precision map gives the float32 result rounded once,
+and a padded half batch still equals its images alone. Maxima (MAC, the R-MAC regions) are exact in any dtype.
+Masked positions are excluded with ``torch.where``/``masked_fill``, never by multiplying with the mask, so
+``inf`` or ``nan`` garbage in the padding cannot leak into a descriptor.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def _check_maps(x: torch.Tensor, mask: torch.Tensor | None, fn: str) -> None:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Powers and logs run in at least float32 (half inputs are upcast, then cast back)."""
+    """Reductions, norms, powers and logs run in at least float32 (half inputs are upcast, then cast back)."""
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -48,6 +54,7 @@ def mac(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""Maximum activations of convolutions: the spatial max of each channel.
 
     Tolias et al., "Particular object retrieval with integral max-pooling of CNN activations", ICLR 2016.
+    The max is exact in every dtype, so half inputs are not upcast.
 
     Args:
         x: Feature maps of shape :math:`(B, C, H, W)`.
@@ -76,7 +83,8 @@ def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
 
     Babenko and Lempitsky, "Aggregating deep convolutional features for image retrieval", ICCV 2015. The mean
     (not the sum) keeps padded and unpadded images equal up to nothing but the mask; after L2 normalisation
-    the two are the same descriptor.
+    the two are the same descriptor. The sum is accumulated in at least float32 (a float16 sum of a few thousand
+    activations of 100 already overflows), then the mean is cast back to the input dtype.
 
     Args:
         x: Feature maps of shape :math:`(B, C, H, W)`.
@@ -95,10 +103,13 @@ def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         torch.Size([2, 512])
     """
     _check_maps(x, mask, "spoc")
+    dtype = _compute_dtype(x)
+    xf = x.to(dtype)
     if mask is None:
-        return x.mean(dim=(-2, -1))
-    m = mask[:, None].to(x.dtype)
-    return (x * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
+        return xf.mean(dim=(-2, -1)).to(x.dtype)
+    m = mask[:, None]
+    total = torch.where(m, xf, torch.zeros((), dtype=dtype, device=x.device)).sum(dim=(-2, -1))
+    return (total / m.sum(dim=(-2, -1)).to(dtype)).to(x.dtype)
 
 
 def gem(
@@ -113,9 +124,19 @@ def gem(
     Radenović, Tolias and Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2018.
 
     Clamp semantics: the input is clamped at ``eps`` *before* the power (as cirtorch does), so negative or zero
-    activations (e.g. after whitening, or ViT tokens) give no NaN for fractional ``p`` and the gradient stays
-    finite; positions below ``eps`` contribute ``eps**p``. ``p = 1`` is SPoC on the clamped map and
-    ``p -> inf`` tends to MAC.
+    activations (e.g. after whitening, or ViT tokens) give no NaN for fractional ``p``; positions below ``eps``
+    contribute ``eps**p``. ``p = 1`` is SPoC on the clamped map and ``p -> inf`` tends to MAC.
+
+    Numerics: GeM is positively homogeneous, :math:`\mathrm{gem}(c x) = c\,\mathrm{gem}(x)` for :math:`c > 0`,
+    so each channel is computed as :math:`m\,(\frac{1}{|\Omega|}\sum_{\Omega} (\max(x, \epsilon)/m)^p)^{1/p}`
+    with :math:`m` the channel's largest clamped valid value (treated as a constant: by homogeneity its
+    gradient contribution is exactly zero). The powered values lie in :math:`(0, 1]` and the mean in
+    :math:`[1/|\Omega|, 1]`, so nothing overflows (the naive ``800 ** 14`` does in float32) or underflows to a
+    zero mean (``eps ** p`` is 0 in float32 from p of about 7, and an all-zero channel, common in VGG16
+    conv5_3, then gave ``0 ** (1/p)`` and a NaN gradient for ``p``). So the output and the gradients with
+    respect to ``x`` and ``p`` stay finite at large ``p`` and large activations; an all-zero channel gives
+    ``eps`` with a zero gradient for ``p``. The computation runs in at least float32 and the result has the
+    input dtype. A NaN in a valid position still propagates to its channel.
 
     Args:
         x: Feature maps of shape :math:`(B, C, H, W)`.
@@ -155,13 +176,19 @@ def gem(
         p_map = float(p)
         inv = 1.0 / float(p)
     dtype = _compute_dtype(x)
-    xp = x.to(dtype).clamp(min=eps).pow(p_map)
-    if mask is None:
-        pooled = xp.mean(dim=(-2, -1))
-    else:
-        m = mask[:, None].to(dtype)
-        pooled = (xp * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
-    return pooled.pow(inv).to(x.dtype)
+    # Without autograd (feature extraction) one float buffer is reused in place: a single map-sized allocation.
+    inplace = not (torch.is_grad_enabled() and (x.requires_grad or (isinstance(p, torch.Tensor) and p.requires_grad)))
+    xc = x.to(dtype, copy=True).clamp_(min=eps) if inplace else x.to(dtype).clamp(min=eps)
+    if mask is not None:
+        # Padding becomes 0 (below every clamped valid value): it cannot win the max and its power is 0.
+        xc = xc.masked_fill_(~mask[:, None], 0.0) if inplace else xc.masked_fill(~mask[:, None], 0.0)
+    # Per-channel scale (>= eps): the scaled values lie in (0, 1], so their powers neither overflow nor all
+    # underflow (the max contributes exactly 1). Detached: by homogeneity the scale has zero gradient.
+    scale = xc.amax(dim=(-2, -1), keepdim=True).detach()
+    yp = xc.div_(scale).pow_(p_map) if inplace else (xc / scale).pow(p_map)
+    n_valid = x.shape[-2] * x.shape[-1] if mask is None else mask.sum(dim=(-2, -1)).to(dtype)[:, None]
+    pooled = yp.sum(dim=(-2, -1)) / n_valid
+    return (scale[..., 0, 0] * pooled.pow(inv)).to(x.dtype)
 
 
 def rmac_grid(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
@@ -304,7 +331,8 @@ def rmac(
 
     Tolias, Sicre and Jégou, ICLR 2016 (grid: :func:`rmac_grid`, L = 3, overlap 0.4, plus the global region as
     in cirtorch). Regional PCA-whitening is left to :class:`deepagg.nn.Whiten` applied to
-    :func:`rmac_regions`.
+    :func:`rmac_regions`. The region norms and the sum run in at least float32 (a float16 norm of large
+    activations overflows to ``inf`` and zeroes the region), and the result has the input dtype.
 
     Args:
         x: Feature maps of shape :math:`(B, C, H, W)`.
@@ -325,8 +353,11 @@ def rmac(
         torch.Size([2, 512])
     """
     regions, region_mask = _regions_and_mask(x, levels, mask, "rmac")
+    dtype = _compute_dtype(x)
+    regions = regions.to(dtype)  # region maxima are exact; their norms and the sum are not
     regions = regions / (regions.norm(dim=-1, keepdim=True) + eps)
-    return (regions * region_mask[..., None].to(regions.dtype)).sum(dim=1)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    return torch.where(region_mask[..., None], regions, zero).sum(dim=1).to(x.dtype)
 
 
 def crow(
@@ -345,7 +376,9 @@ def crow(
     :math:`S = 0` or the mask is False), and the channel weight is the sparsity IDF
     :math:`\log(\sum_k Q_k / Q_c)` with :math:`Q_c` the fraction of valid positions where channel c is
     non-zero (weight 0 for a channel that is zero everywhere). The channel weight is piecewise constant in x, so
-    gradients flow through the spatial weight and the pooled features only.
+    gradients flow through the spatial weight and the pooled features only. Computed in at least float32 and
+    cast back to the input dtype; note that the raw weighted *sum* grows with the map size, so on float16 maps
+    of large activations it can exceed the float16 range (:class:`deepagg.nn.CroW` normalises before casting).
 
     Args:
         x: Non-negative feature maps of shape :math:`(B, C, H, W)` (post-ReLU).
@@ -373,7 +406,7 @@ def crow(
     dtype = _compute_dtype(x)
     xf = x.to(dtype)
     valid = torch.ones_like(xf[:, 0], dtype=torch.bool) if mask is None else mask
-    xf = xf * valid[:, None].to(dtype)
+    xf = torch.where(valid[:, None], xf, torch.zeros((), dtype=dtype, device=x.device))
     s = xf.sum(dim=1)  # (B, H, W)
     z = s.abs().pow(a).sum(dim=(-2, -1), keepdim=True).pow(1.0 / a)
     base = (s / z.clamp(min=eps)).clamp(min=eps)

@@ -1,4 +1,9 @@
-"""Pooling modules: MAC, SPoC, GeM, R-MAC, CroW. Each returns L2-normalised :math:`(B, C)` descriptors."""
+"""Pooling modules: MAC, SPoC, GeM, R-MAC, CroW. Each returns L2-normalised :math:`(B, C)` descriptors.
+
+Half-precision maps (float16, bfloat16) are pooled and L2-normalised in float32 and the unit descriptors cast
+back to the input dtype: the raw pooled vector or its norm can exceed the float16 range (a norm above 65504
+made ``l2n`` return zeros), while unit rows always fit.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,11 @@ from deepagg.functional.normalize import l2n
 from deepagg.functional.pooling import crow, gem, mac, rmac, spoc
 
 __all__ = ["MAC", "RMAC", "CroW", "GeM", "SPoC"]
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 maps as float32 (pooling and normalising in half can overflow); others unchanged."""
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class _Pool(nn.Module):
@@ -32,8 +42,8 @@ class MAC(_Pool):
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool and L2-normalise."""
-        return l2n(mac(x, mask=mask))
+        """Pool and L2-normalise (in at least float32); the output has the dtype of ``x``."""
+        return l2n(mac(_upcast(x), mask=mask)).to(x.dtype)
 
 
 class SPoC(_Pool):
@@ -49,8 +59,8 @@ class SPoC(_Pool):
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool and L2-normalise."""
-        return l2n(spoc(x, mask=mask))
+        """Pool and L2-normalise (in at least float32); the output has the dtype of ``x``."""
+        return l2n(spoc(_upcast(x), mask=mask)).to(x.dtype)
 
 
 class GeM(_Pool):
@@ -98,8 +108,8 @@ class GeM(_Pool):
             self.register_buffer("p", value)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool and L2-normalise."""
-        return l2n(gem(x, self.p, self.eps, mask=mask))
+        """Pool and L2-normalise (in at least float32); the output has the dtype of ``x``."""
+        return l2n(gem(_upcast(x), self.p, self.eps, mask=mask)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={float(self.p.detach()):.4g}, eps={self.eps}, learnable={self.learnable}"
@@ -131,8 +141,8 @@ class RMAC(_Pool):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool and L2-normalise."""
-        return l2n(rmac(x, levels=self.levels, eps=self.eps, mask=mask))
+        """Pool and L2-normalise (in at least float32); the output has the dtype of ``x``."""
+        return l2n(rmac(_upcast(x), levels=self.levels, eps=self.eps, mask=mask)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}"
@@ -163,8 +173,8 @@ class CroW(_Pool):
         self.b = float(b)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pool and L2-normalise."""
-        return l2n(crow(x, a=self.a, b=self.b, mask=mask))
+        """Pool and L2-normalise (in at least float32); the output has the dtype of ``x``."""
+        return l2n(crow(_upcast(x), a=self.a, b=self.b, mask=mask)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"a={self.a}, b={self.b}"
