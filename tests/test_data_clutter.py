@@ -10,7 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,35 @@ from deepagg.data.clutter import BUILDER_VERSION, THRESHOLDS, VARIANTS, ViewThre
 from deepagg.data.sources import PACKAGES, DebianSourceError, default_cache_dir
 
 NAME = "clutter_tiny"
+LW_DIM = 512  # VGG16 GeM descriptors: the learned whitening fitted on clutter_train needs that many dimensions
+
+# The 1.1 builder: the last commit of deepagg/data/clutter.py before clutter_train grew (1.2). The default and
+# tiny variants are still at 1.1 and must stay byte-identical to what that code writes.
+V1_1_COMMIT = "bd88f61ebfb8e29845710530de3d1ee9d50b0d41"
+# ... and what it wrote with seed 0, recorded with the environment below (the manifest's "software" and the
+# sha256 of every .deb): sha256 of the gnd pickle and of manifest.json (which holds every image's sha256).
+V1_1_ENV = {
+    "software": {"numpy": "2.4.6", "pillow": "13.0.0"},
+    "debs": {
+        "darknet": "9ca14d36112d242a782bfed4104fa5adcd2ae8bc599ab610f42eb609ee125a01",
+        "lomiri-wallpapers-16.04": "a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab",
+        "lomiri-wallpapers-20.04": "d44e89b8473aafe64a5b678f014862dc31335aaaf18665c544d985d854f1a709",
+        "mate-backgrounds": "7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04",
+        "opencv-doc": "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+        "plasma-workspace-wallpapers": "32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b",
+        "tuxpaint-stamps-default": "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34",
+    },
+}
+V1_1_HASHES = {
+    "tiny": (
+        "498a34854bba9a583433f0a421e794848ed19402a5da20b1178f5c5292a46fc6",
+        "f0c3c4219580cfbcca1d68e7f3449a0ac58647e9466e5a2b44070ff7912a4770",
+    ),
+    "default": (
+        "c636e38cd29585f9bdd132fecbdcd2a31475d52e07919695d3b7da488eb2beb9",
+        "2d270cf5169845cbaf470835ac31e16017cc87060f5d107596f2747e3d1d7c8d",
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------- no Debian needed
@@ -46,6 +80,65 @@ class TestClassifyView:
     def test_warp_score(self):
         assert clutter_mod._warp_score(15.0, 0.0) == pytest.approx(0.5)
         assert clutter_mod._warp_score(-3.0, 0.25) == pytest.approx(1.0)
+
+
+def _fake_folder(root: Path, variant: str, version: str) -> None:
+    """A ``<root>/<name>`` that ensure_clutter takes for a build of ``variant`` by builder ``version``."""
+    folder = root / VARIANTS[variant].name
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"seed": 0, "variant": variant, "builder_version": version}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with (folder / f"gnd_{folder.name}.pkl").open("wb") as fh:
+        pickle.dump({"imlist": [], "qimlist": [], "gnd": []}, fh)
+
+
+class TestVariants:
+    def test_versions(self):
+        # 1.2 changed clutter_train only: clutter and clutter_tiny folders written by 1.1 stay valid
+        assert VARIANTS["default"].version == "1.1"
+        assert VARIANTS["tiny"].version == "1.1"
+        assert VARIANTS["train"].version == "1.2"
+        newest = max((v.version for v in VARIANTS.values()), key=lambda v: tuple(int(x) for x in v.split(".")))
+        assert newest == BUILDER_VERSION
+
+    @pytest.mark.parametrize(
+        ("variant", "stored", "rebuilt"),
+        [("default", "1.1", False), ("tiny", "1.1", False), ("train", "1.1", True), ("train", "1.2", False)],
+    )
+    def test_ensure_compares_the_variant_version(self, tmp_path, monkeypatch, variant, stored, rebuilt):
+        _fake_folder(tmp_path, variant, stored)
+        calls = []
+
+        def fake_build(root, *, variant, seed, cache_dir, overwrite, progress):
+            calls.append(variant)
+            _fake_folder(Path(root), variant, VARIANTS[variant].version)
+
+        monkeypatch.setattr(clutter_mod, "build_clutter", fake_build)
+        ds = ensure_clutter(tmp_path, variant, 0, progress=False)
+        assert calls == ([variant] if rebuilt else [])
+        assert ds.extra["manifest"]["builder_version"] == VARIANTS[variant].version
+
+    def test_train_determines_learned_whitening(self):
+        # Lw's positives: (query, easy/hard) and pairs of non-junk database views of one object; their
+        # differences span (non-junk views) + (queries) - (objects) dimensions. The builder re-draws an object
+        # with fewer than min_positives non-junk views, so even at that floor the span exceeds the descriptor.
+        var = VARIANTS["train"]
+        n = sum(1 for i in range(len(sources_mod.STAMP_OBJECTS)) if clutter_mod._split_of(i) == "train")
+        assert n == 11
+        assert n * (var.min_positives + len(var.queries) - 1) > LW_DIM
+        assert var.min_positives <= var.home_views + var.paste_views - var.barely
+
+    def test_train_is_more_of_the_same(self):
+        # the 1.1 train plan scaled up: per 9 home crops 1 occluded, 1 border-cut, 2 strongly warped; 3 home
+        # crops per paste; the default variant's two query kinds; the same image sizes
+        var, old = VARIANTS["train"], {"occluded": 1, "border": 1, "strong_warp": 2}
+        for role, per9 in old.items():
+            assert round(getattr(var, role) * 9 / var.home_views) == per9
+        assert round(var.home_views / var.paste_views) == 3
+        assert var.barely == 0
+        assert var.queries == VARIANTS["default"].queries
+        same = ("out_long", "home_cap", "scene_cap", "min_object_px", "home_background", "scene_distractors")
+        assert all(getattr(var, k) == getattr(VARIANTS["default"], k) for k in same)
 
 
 class TestGeometry:
@@ -216,6 +309,70 @@ def tiny(debs, tmp_path_factory) -> Path:
     return build_clutter(tmp_path_factory.mktemp("tiny_a"), variant="tiny", seed=0, progress=False)
 
 
+@pytest.fixture(scope="session")
+def builder_v1_1() -> Iterator[types.ModuleType | str]:
+    """``deepagg/data/clutter.py`` as of :data:`V1_1_COMMIT`, imported under another name; or why it cannot be."""
+    repo = Path(__file__).resolve().parents[1]
+    git = shutil.which("git")
+    if git is None:
+        yield "git is not on PATH"
+        return
+    proc = subprocess.run(
+        [git, "-C", str(repo), "show", f"{V1_1_COMMIT}:deepagg/data/clutter.py"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        yield f"git show {V1_1_COMMIT[:12]} failed (no history here?): {proc.stderr.strip()}"
+        return
+    name = "deepagg.data._clutter_v1_1"
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up while the class body runs
+    try:
+        exec(compile(proc.stdout, f"{V1_1_COMMIT[:12]}:deepagg/data/clutter.py", "exec"), module.__dict__)
+    except ImportError as exc:  # a later deepagg.data.sources the old code cannot import from
+        yield f"the 1.1 builder does not import against this deepagg: {exc}"
+    else:
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    files_a = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs"
+
+
+def _check_recorded(folder: Path, variant: str) -> str | None:
+    """Compare a seed-0 build with the hashes the 1.1 builder wrote; the reason to skip if the sources differ."""
+    m = _manifest(folder)
+    env = {"software": m["software"], "debs": {pkg: rec["sha256"] for pkg, rec in m["packages"].items()}}
+    if env != V1_1_ENV:
+        return f"the hashes were recorded with other .debs or Pillow/numpy: {V1_1_ENV} vs {env}"
+    gnd_sha, manifest_sha = V1_1_HASHES[variant]
+    assert hashlib.sha256((folder / f"gnd_{folder.name}.pkl").read_bytes()).hexdigest() == gnd_sha
+    assert hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest() == manifest_sha
+    hashes = _image_hashes(folder)
+    assert hashes == {r["name"] + ".jpg": r["sha256"] for r in m["images"] + m["queries"]}
+    return None
+
+
+def _lw_pairs(manifest: dict, data: dict) -> np.ndarray:
+    """Learned-whitening positives of a training build as the eval app takes them (rows: database, then queries)."""
+    n_db = len(data["imlist"])
+    pairs = [(n_db + qi, int(j)) for qi, g in enumerate(data["gnd"]) for j in np.concatenate([g["easy"], g["hard"]])]
+    views: dict[str, list[int]] = {}
+    for j, r in enumerate(manifest["images"]):
+        if r["object"] is not None and r["gt"] != "junk":
+            views.setdefault(r["object"], []).append(j)
+    pairs += [(a, b) for idx in views.values() for i, a in enumerate(idx) for b in idx[i + 1 :]]
+    return np.asarray(pairs, dtype=np.int64)
+
+
 def _image_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "jpg").glob("*.jpg"))}
 
@@ -292,7 +449,7 @@ class TestTinyBuild:
         m = _manifest(tiny)
         assert m["thresholds"] == {k: getattr(THRESHOLDS, k) for k in m["thresholds"]}
         assert m["seed"] == 0
-        assert m["builder_version"] == BUILDER_VERSION
+        assert m["builder_version"] == VARIANTS["tiny"].version
         assert [r["name"] for r in m["images"]] == data["imlist"]
         assert [q["name"] for q in m["queries"]] == data["qimlist"]
         for q, g in zip(m["queries"], data["gnd"], strict=True):
@@ -395,3 +552,91 @@ class TestTinyBuild:
         assert ds1.fingerprint != ds.fingerprint
         ensure_clutter(root, "tiny", 1, progress=False)
         assert calls == [1]
+
+
+@pytest.mark.debian
+class TestUnchangedVariants:
+    """``clutter_tiny`` and ``clutter`` are still what builder 1.1 wrote: 1.2 changed ``clutter_train`` only.
+
+    Two independent checks. The 1.1 code itself, read from git at :data:`V1_1_COMMIT` and imported under
+    another module name, builds the variant again from the same sources with the same Pillow: every file must
+    be byte-identical, on any machine with the git history. The hashes recorded from that code need no git
+    but hold only with the .debs and Pillow/numpy they were recorded with (skipped otherwise). The ``clutter``
+    check builds the full variant (twice), so it is marked ``slow``.
+    """
+
+    def test_tiny_same_as_v1_1_code(self, tiny, builder_v1_1, tmp_path):
+        if isinstance(builder_v1_1, str):
+            pytest.skip(builder_v1_1)
+        _same_files(builder_v1_1.build_clutter(tmp_path, variant="tiny", seed=0, progress=False), tiny)
+
+    def test_tiny_same_as_recorded(self, tiny):
+        reason = _check_recorded(tiny, "tiny")
+        if reason is not None:
+            pytest.skip(reason)
+
+    @pytest.mark.slow
+    def test_default_same_as_v1_1(self, debs, builder_v1_1, tmp_path):
+        folder = build_clutter(tmp_path / "new", variant="default", seed=0, progress=False)
+        reasons = [_check_recorded(folder, "default")]
+        if isinstance(builder_v1_1, str):
+            reasons.append(builder_v1_1)
+        else:
+            _same_files(builder_v1_1.build_clutter(tmp_path / "old", variant="default", seed=0, progress=False), folder)
+        if all(reasons):
+            pytest.skip("; ".join(str(r) for r in reasons))
+
+
+@pytest.mark.debian
+class TestTrain:
+    def test_object_views(self, debs):
+        # the plan of one clutter_train object (about 10 s; the whole build below is marked slow)
+        var = VARIANTS["train"]
+        ctx, chosen, *_ = clutter_mod._catalogue(var, 0, None, False)
+        assert len(chosen) == 11
+        db, queries, bgs = clutter_mod._object_views(ctx, 0, chosen[0], 0)
+        assert [v.kind for v in db] == ["home-crop"] * var.home_views + ["paste"] * var.paste_views
+        assert [q.kind for q in queries] == ["query-home", "query-paste"]
+        assert len(bgs) <= var.home_background
+        homes = [v.record for v in db if v.kind == "home-crop"]
+        assert sum(r["occlusion_target"] is not None for r in homes) == var.occluded + var.barely
+        assert sum(r["border_target"] is not None for r in homes) == var.border
+        assert sum(r["warp"] >= 0.4 for r in homes) == var.strong_warp  # strong: >= 12 deg or >= 0.12 persp.
+        zooms = sorted(r["zoom"] for r in homes)
+        assert zooms[0] < 0.1
+        assert zooms[-1] > 0.6
+        assert clutter_mod._good(db, var)
+        assert all(max(v.image.size) <= var.out_long for v in db + queries)
+
+    @pytest.mark.slow
+    def test_build(self, tiny, tmp_path):  # about 60 s
+        var = VARIANTS["train"]
+        folder = build_clutter(tmp_path, variant="train", seed=0, progress=False)
+        m = _manifest(folder)
+        data = read_gnd_file(folder / "gnd_clutter_train.pkl")
+        assert m["builder_version"] == var.version
+        assert len(data["imlist"]) == 590
+        assert len(data["qimlist"]) == 22
+        kinds: dict[str, int] = {}
+        for r in m["images"]:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        assert kinds == {"home-crop": 429, "paste": 143, "home-background": 11, "scene": 7}
+        assert sorted(q["kind"] for q in m["queries"]) == ["query-home"] * 11 + ["query-paste"] * 11
+        assert max(max(r["size"]) for r in m["images"] + m["queries"]) <= 640
+        nonjunk: dict[str, int] = {}
+        for r in m["images"]:
+            if r["object"] is not None and r["gt"] != "junk":
+                nonjunk[r["object"]] = nonjunk.get(r["object"], 0) + 1
+        assert len(nonjunk) == 11
+        assert min(nonjunk.values()) >= var.min_positives
+        for q, g in zip(m["queries"], data["gnd"], strict=True):
+            assert len(g["easy"]) + len(g["hard"]) == nonjunk[q["object"]]
+        assert sum(nonjunk.values()) == 560  # seed 0, as measured (module docstring)
+        # the span of Lw's pair differences, with the images in general position (random descriptors)
+        pairs = _lw_pairs(m, data)
+        x = np.random.default_rng(0).standard_normal((len(data["imlist"]) + len(data["qimlist"]), 640))
+        rank = np.linalg.matrix_rank(x[pairs[:, 0]] - x[pairs[:, 1]])
+        assert rank == sum(nonjunk.values()) + len(data["qimlist"]) - len(nonjunk) == 571
+        assert rank > LW_DIM
+        # no photo or object of the test split
+        assert not {s["key"] for s in m["sources"]} & {s["key"] for s in _manifest(tiny)["sources"]}

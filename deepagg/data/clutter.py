@@ -24,7 +24,7 @@ gamma, saturation, blur and JPEG change. A database image shows exactly one obje
 plain photos, crops of home photos away from their object, and crops of photo regions no object lives in.
 
 **Queries.** Per object, held-out views that are not in the database: a close home crop (zoom 30-50 %,
-mild warp) and, for the default variant, a large paste into another photo. ``bbx`` is the object's visible
+mild warp) and a large paste into another photo (every variant). ``bbx`` is the object's visible
 box in the query image padded by 10 % of its size on each side; as in revisitop the query image is to be
 cropped to ``bbx`` before use.
 
@@ -52,13 +52,22 @@ benchmark depends on the Debian packages alone: the optional scikit-image / scik
 (``python_distractors``) are off in every variant, so what ``clutter`` means does not change with the Python
 packages installed. Measured with seed 0: per query 1-6 (mean 3.2) ``easy``, 5-11 (mean 8.3) ``hard``, 1-3 (mean
 1.6) ``junk``, 10-12 (mean 11.5) positives. ``tiny``: 4 objects, 8 queries, 40 database images, long side
-<= 256 px (about 5 s). ``train``: the 11 other objects in other photos: 11 queries + 150 database images
-(about 20 s).
+<= 256 px (about 5 s). ``train``: the 11 other objects in other photos, the same recipe at about 4.3 times
+the views per object: 11 x 2 = 22 queries; 11 x (39 home crops + 13 pastes) = 572 views (per object 4
+occluded and 4 border-cut home crops, 9 strongly warped ones) plus 11 home-background crops and 7 plain
+photos: 590 database images, 612 images in all, long side <= 640 px, built in about 60 s (150 + 11 images in
+about 25 s before 1.2). Measured with seed 0: per object 49-52 (mean 50.9) non-junk views; per query 11-16
+(mean 13.4) ``easy``, 35-40 (mean 37.5) ``hard``, 0-3 (mean 1.1) ``junk``. The size is set by the learned
+whitening fitted on it (Lw, 512-D VGG16 descriptors): with every (query, ``easy``/``hard``) pair and every
+pair of non-junk database views of one object as positives, the pair differences span (non-junk views) +
+(queries) - (objects) = 560 + 22 - 11 = 571 dimensions, more than 512 with a margin (130 before 1.2, so the
+covariance of the differences was singular). The builder re-draws an object with fewer than 48 non-junk
+views (``min_positives``), so the span is at least 11 x (48 + 2 - 1) = 539 for every seed.
 
 **Train split.** Objects and scene photos are split by a fixed rule: sorted by id (objects) and by
 ``(package, path)`` (photos), every fourth one (index % 4 == 3) belongs to ``train``, the others to the
 test variants, so ``clutter_train`` shares no object and no photo with ``clutter``/``clutter_tiny``. It is
-written in the same format: its queries (one per object) with their ``easy`` + ``hard`` images are positive
+written in the same format: its queries (two per object) with their ``easy`` + ``hard`` images are positive
 pairs, and ``manifest["images"][j]["object"]`` gives the object id of every database image, so pairs of
 database images of one object are positives too (``None``: a distractor, negative to all).
 
@@ -69,6 +78,15 @@ for perspective), JPEGs are written by PIL at fixed settings. The same seed, sou
 give the same bytes (the manifest records the sha256 of every source and output file and the Pillow version).
 JPEG sources much larger than the working size are decoded with libjpeg's DCT scaling (``draft``). Builds
 are atomic: the folder is written as ``<root>/.<name>.tmp-<pid>`` and renamed when complete.
+
+**Versions.** Each variant carries the builder version that last changed its output, written to the
+manifest as ``builder_version``: ``clutter`` and ``clutter_tiny`` 1.1 (no scikit-image / scikit-learn
+distractors), ``clutter_train`` 1.2 (grown from 161 to 612 images so that learned whitening is determined).
+:data:`BUILDER_VERSION` is the newest of them. :func:`ensure_clutter` rebuilds a folder whose manifest has
+another seed or another version than its variant's, so a change to one variant's plan rebuilds that variant
+only; a change to shared code that alters the bytes of a variant must bump that variant's version too. The
+tests check that ``clutter_tiny`` (and, marked ``slow``, ``clutter``) is byte-identical to what the 1.1
+builder wrote.
 
 **Manifest.** ``seed``, ``variant``, ``builder_version``, ``thresholds``, ``packages`` (each .deb's name and
 sha256), ``sources`` (every source file used: package, path, sha256), ``objects`` (id, stamp, merged
@@ -122,7 +140,7 @@ __all__ = [
     "ensure_clutter",
 ]
 
-BUILDER_VERSION = "1.1"  # 1.1: no scikit-image/scikit-learn distractors in the default variant
+BUILDER_VERSION = "1.2"  # the newest of the variants' versions (see the module documentation)
 
 
 @dataclass(frozen=True)
@@ -180,6 +198,7 @@ def _warp_score(rotation: float, perspective: float) -> float:
 @dataclass(frozen=True)
 class _Variant:
     name: str
+    version: str  # the builder version that last changed this variant's output (manifest "builder_version")
     split: str  # "test" or "train"
     n_objects: int | None  # None: every object of the split
     queries: tuple[str, ...]  # kinds of the held-out query views per object
@@ -193,7 +212,7 @@ class _Variant:
     scene_distractors: int | None  # whole plain photos of the split (None: all)
     unused_home_distractors: bool  # one crop of every home-capable photo region no object lives in
     python_distractors: bool  # the optional scikit-image / scikit-learn photos
-    min_positives: int
+    min_positives: int  # re-draw an object with fewer non-junk (easy + hard) database views
     out_long: int
     home_cap: int
     scene_cap: int
@@ -203,21 +222,21 @@ class _Variant:
 # The three variants (name -> sizes and view plan); documented in the module docstring.
 VARIANTS: dict[str, _Variant] = {
     "default": _Variant(
-        name="clutter", split="test", n_objects=None, queries=("home", "paste"), home_views=9, paste_views=4,
-        occluded=1, border=1, barely=1, strong_warp=2, home_background=1, scene_distractors=None,
-        unused_home_distractors=True, python_distractors=False, min_positives=10,
+        name="clutter", version="1.1", split="test", n_objects=None, queries=("home", "paste"),
+        home_views=9, paste_views=4, occluded=1, border=1, barely=1, strong_warp=2, home_background=1,
+        scene_distractors=None, unused_home_distractors=True, python_distractors=False, min_positives=10,
         out_long=640, home_cap=2560, scene_cap=1024, min_object_px=140,
     ),
     "tiny": _Variant(
-        name="clutter_tiny", split="test", n_objects=4, queries=("home", "paste"), home_views=6, paste_views=2,
-        occluded=1, border=1, barely=0, strong_warp=1, home_background=1, scene_distractors=4,
-        unused_home_distractors=False, python_distractors=False, min_positives=2,
+        name="clutter_tiny", version="1.1", split="test", n_objects=4, queries=("home", "paste"),
+        home_views=6, paste_views=2, occluded=1, border=1, barely=0, strong_warp=1, home_background=1,
+        scene_distractors=4, unused_home_distractors=False, python_distractors=False, min_positives=2,
         out_long=256, home_cap=1280, scene_cap=512, min_object_px=90,
     ),
     "train": _Variant(
-        name="clutter_train", split="train", n_objects=None, queries=("home",), home_views=9, paste_views=3,
-        occluded=1, border=1, barely=0, strong_warp=2, home_background=1, scene_distractors=None,
-        unused_home_distractors=False, python_distractors=False, min_positives=5,
+        name="clutter_train", version="1.2", split="train", n_objects=None, queries=("home", "paste"),
+        home_views=39, paste_views=13, occluded=4, border=4, barely=0, strong_warp=9, home_background=1,
+        scene_distractors=None, unused_home_distractors=False, python_distractors=False, min_positives=48,
         out_long=640, home_cap=2560, scene_cap=1024, min_object_px=140,
     ),
 }  # fmt: skip
@@ -1033,7 +1052,7 @@ def _build_into(
         "variant": variant,
         "split": var.split,
         "seed": seed,
-        "builder_version": BUILDER_VERSION,
+        "builder_version": var.version,
         "software": {"pillow": PIL.__version__, "numpy": np.__version__},
         "thresholds": asdict(THRESHOLDS),
         "warp_definition": "max(|rotation_deg| / 30, perspective / 0.25)",
@@ -1143,7 +1162,10 @@ def ensure_clutter(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> RetrievalDataset:
-    """The ``clutter`` benchmark under ``root``: built if absent or built with another seed or builder version.
+    """The ``clutter`` benchmark under ``root``: built if absent, or built with another seed or variant version.
+
+    A folder is reused when its manifest has this ``seed`` and ``variant`` and the variant's own builder
+    version (see the module documentation), so a change to another variant does not rebuild it.
 
     Args:
         root: Folder that holds (or receives) ``<name>/``.
@@ -1171,7 +1193,7 @@ def ensure_clutter(
     fresh = (
         manifest is not None
         and manifest.get("seed") == seed
-        and manifest.get("builder_version") == BUILDER_VERSION
+        and manifest.get("builder_version") == VARIANTS[variant].version
         and manifest.get("variant") == variant
         and (folder / f"gnd_{name}.pkl").is_file()
     )
