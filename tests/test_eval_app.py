@@ -441,9 +441,9 @@ def test_checkpoint_is_keyed_by_content(fake_root: Path) -> None:
 
 def test_trainer_precision_override_is_keyed_and_reported(fake_root: Path) -> None:
     """Issue 6.2b: trainer.precision=bf16-mixed is the precision used, keyed and reported (not the top-level 32)."""
-    _run(["whiten=none"], fake_root, "fp32")
+    _run(["whiten=none", "imsize=64"], fake_root, "fp32")  # small: bf16 depthwise convolutions are slow on CPU
     entries = _entries(fake_root)
-    _run(["whiten=none", "trainer.precision=bf16-mixed"], fake_root, "bf16")
+    _run(["whiten=none", "imsize=64", "trainer.precision=bf16-mixed"], fake_root, "bf16")
     assert _meta(fake_root / "fp32")["precision"] == "32-true"
     assert _meta(fake_root / "bf16")["precision"] == "bf16-mixed"
     assert len(_entries(fake_root)) == 2 * len(entries)
