@@ -233,6 +233,38 @@ def load_checkpoint(backbone: torch.nn.Module, path: str | None) -> str | None:
     return digest
 
 
+def native_bf16(accelerator: str) -> bool:
+    """Whether bf16 matmuls are native on this machine: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16.
+
+    Without them (e.g. an AVX2-only CPU) bf16 autocast is emulated: VGG16 ran about 12 times slower than in
+    float32 on such a machine (AMD EPYC, 2 cores), while on an AMX CPU it ran 3.5 times faster.
+    """
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(c is None for c in checks):  # an older or newer torch without these probes: read the CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return any(bool(c()) for c in checks if c is not None)
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """Replace ``precision: auto`` (trainer and top level) by ``bf16-mixed`` or ``32-true`` for this machine."""
+    node = cfg.trainer
+    if str(node.get("precision")) != "auto":
+        return
+    chosen = "bf16-mixed" if native_bf16(str(node.get("accelerator", "auto"))) else "32-true"
+    with open_dict(cfg):
+        node.precision = chosen
+        if str(cfg.get("precision")) == "auto":
+            cfg.precision = chosen
+    log.info("precision=auto: %s on this machine", chosen)
+
+
 def _device_kind(trainer: pl.Trainer) -> str:
     """``cpu`` or ``cuda:<device name>``: the kind of device the extraction runs on (part of the cache key)."""
     dev = trainer.strategy.root_device
@@ -500,6 +532,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     pl.seed_everything(int(cfg.seed), verbose=False)
     # 1. Build every object the config names (each validates its own arguments) and load the checkpoint.
+    resolve_precision(cfg)
     trainer: pl.Trainer = _instantiate(cfg.trainer, "trainer")
     backbone = _instantiate(cfg.backbone, "backbone")
     ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"))

@@ -672,3 +672,25 @@ def test_resize_cirtorch_is_its_own_cache_entry(fake_root: Path) -> None:
     assert len(_entries(fake_root)) == 3 * len(entries)
     assert _meta(fake_root / "ct")["resize"] == "cirtorch"
     assert 0.0 <= results["medium"]["map"] <= 1.0
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_precision_auto_follows_the_machine(monkeypatch: pytest.MonkeyPatch, native: bool, want: str) -> None:
+    """VGG16's precision=auto is bf16 only where bf16 is native (on an AVX2-only CPU it is ~12x slower)."""
+    monkeypatch.setattr(app, "native_bf16", lambda accelerator: native)
+    cfg = _compose(["backbone=vgg16"])
+    assert cfg.precision == "auto"
+    app.resolve_precision(cfg)
+    assert cfg.trainer.precision == want
+    assert cfg.precision == want
+    cfg = _compose(["backbone=vgg16", "precision=32-true"])  # an explicit choice is kept
+    app.resolve_precision(cfg)
+    assert cfg.trainer.precision == "32-true"
+
+
+def test_native_bf16_reads_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert app.native_bf16("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not app.native_bf16("cpu")
