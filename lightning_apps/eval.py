@@ -69,6 +69,17 @@ log = logging.getLogger("lightning_apps.eval")
 for _msg in (".*predict returned None.*", ".*custom batch sampler.*", ".*LeafSpec.*"):
     warnings.filterwarnings("ignore", message=_msg)
 
+
+class _NoAdverts(logging.Filter):
+    """Drop Lightning's "try installing litlogger" tip, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoAdverts())
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_DATASET = "clutter"
 # The training set whitening is fitted on when ``whiten_train`` is null: never the test images.
