@@ -196,6 +196,11 @@ def check_config(cfg: DictConfig) -> None:
         if w.get("fit") == "learned":
             c = _plain(w.get("center", "all"))
             need(c in ("all", "queries"), f"whiten.center must be 'all' or 'queries'; got {c!r}.")
+            a = _plain(w.get("shrinkage", 0.0))
+            need(
+                _is_number(a) and 0.0 <= float(a) <= 1.0,
+                f"whiten.shrinkage must be a number in [0, 1] for whiten=learned (0: Lw as published); got {a!r}.",
+            )
     if problems:
         raise ConfigError("eval: invalid configuration: " + " ".join(problems))
 
@@ -426,8 +431,12 @@ def fit_whitening(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if w.fit == "learned":
-            kwargs = {"center": str(w.center)} if w.get("center") is not None else {}
-            module.fit_learned(x, positive_pairs(train, valid), **kwargs)
+            module.fit_learned(
+                x,
+                positive_pairs(train, valid),
+                center=str(w.get("center", "all")),
+                shrinkage=float(w.get("shrinkage", 0.0)),
+            )
         else:
             module.fit_pca(x[valid], shrinkage=float(w.get("shrinkage", 1.0)))
     for msg in caught:

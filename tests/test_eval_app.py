@@ -479,6 +479,7 @@ BAD_OVERRIDES = [
     (["whiten=pca", "whiten.dim=5000"], r"whiten.dim must be at most the pooled dimension 1280 .*got 5000"),
     (["whiten=learned", "whiten.center=mean"], r"whiten\.center must be 'all' or 'queries'; got 'mean'\."),
     (["whiten=pca", "whiten.shrinkage=-1"], r"whiten\.shrinkage must be a finite number >= 0; got -1\."),
+    (["whiten=learned", "whiten.shrinkage=2"], r"whiten\.shrinkage must be a number in \[0, 1\] for whiten=learned"),
     (["rerank=aqe", "rerank.k=-1"], r"rerank cannot be built from .*k must be >= 0; got -1\."),
     (["pool=gem", "pool.p=-2"], r"pool cannot be built from .*p"),
     (["ckpt_path=/nonexistent/model.pt"], r"ckpt_path '/nonexistent/model\.pt' is not a file\."),
@@ -605,7 +606,7 @@ def test_whitening_guard_checks_the_training_queries(fake_root: Path) -> None:
 def test_rank_deficient_learned_whitening_warns_and_caps(train_set: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 6.7: 12 images with 10 pairs cannot determine 1280 dimensions: warn, cap, report the dim used."""
     with caplog.at_level("WARNING", logger="lightning_apps.eval"):
-        _run(["whiten=learned", "backbone.pretrained=true"], train_set)
+        _run(["whiten=learned", "whiten.shrinkage=0", "backbone.pretrained=true"], train_set)
     meta = _meta(train_set / "out")
     assert meta["whiten_dim"] == 10  # rank of the 10 query-positive differences (distinct images)
     assert any("determine only 10 of the 1280 requested dimensions" in r.getMessage() for r in caplog.records)

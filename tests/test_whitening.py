@@ -404,6 +404,44 @@ class TestWhiten(BaseTester):
         self.assert_close(w.mean, mean)
         self.assert_close(w.projection, proj[:5], rtol=1e-9, atol=1e-12)
 
+    def test_learned_shrinkage(self) -> None:
+        x, pairs = make_pairs(30, 5, 12, seed=3)
+        # a = 0 is Lw as published, bit for bit
+        assert torch.equal(F.learned_whitening(x, pairs, shrinkage=0.0)[1], F.learned_whitening(x, pairs)[1])
+        # a > 0 against a float64 NumPy reference: C_S <- (1 - a) C_S + a mean(eig) I, then Lw as usual
+        for a in (0.25, 0.5):
+            xn, pn = x.numpy(), pairs.numpy()
+            diff = xn[pn[:, 0]] - xn[pn[:, 1]]
+            cs = diff.T @ diff / len(diff)
+            cs = (1 - a) * cs + a * np.trace(cs) / cs.shape[0] * np.eye(cs.shape[0])
+            ev, u = np.linalg.eigh(cs)
+            p1 = u @ np.diag(ev**-0.5) @ u.T
+            m = xn.mean(0)
+            z = (xn - m) @ p1
+            _ev2, v = np.linalg.eigh(np.cov(z.T))
+            ref = torch.from_numpy(F.l2n(torch.from_numpy((xn - m) @ p1 @ v[:, ::-1][:, :6].copy())).numpy())
+            ours = F.l2n(F.whiten(x, *F.learned_whitening(x, pairs, dim=6, shrinkage=a)))
+            signs = torch.sign((ours * ref).sum(dim=0))
+            self.assert_close(ours, ref * signs, rtol=0, atol=1e-8)
+        # a = 1 ignores the pairs: the PCA rotation of the training rows (PCA-whitening with shrinkage 0)
+        rot = F.l2n(F.whiten(x, *F.learned_whitening(x, pairs, shrinkage=1.0)))
+        pca = F.l2n(F.whiten(x, *F.pca_whitening(x, shrinkage=0.0)))
+        self.assert_close(rot, pca * torch.sign((rot * pca).sum(dim=0)), rtol=0, atol=1e-8)
+
+    def test_learned_shrinkage_determines_every_direction(self) -> None:
+        x, pairs = rank_deficient_pairs()  # 10 pairs in 32 dimensions: rank 10
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no rank warning: the shrunk covariance is full rank
+            _mean, proj = F.learned_whitening(x, pairs, shrinkage=0.25)
+            w = deepagg.Whiten(32, 16, dtype=torch.float64).fit_learned(x, pairs, shrinkage=0.25)
+        assert proj.shape == (32, 32)
+        assert (w.out_dim, w.projection.shape) == (16, (16, 32))
+        self.assert_close(w.projection, proj[:16], rtol=1e-9, atol=1e-12)
+        # no direction is amplified beyond 1 / sqrt(a * mean eigenvalue) of the pair covariance
+        diff = x[pairs[:, 0]] - x[pairs[:, 1]]
+        bound = (0.25 * torch.trace(diff.T @ diff / len(diff)) / 32) ** -0.5
+        assert torch.linalg.matrix_norm(proj, ord=2) <= bound * (1 + 1e-9)
+
     def test_module_rank_cap(self) -> None:
         x, pairs = rank_deficient_pairs()
         w = deepagg.Whiten(32, 16)
@@ -620,6 +658,11 @@ class TestWhiten(BaseTester):
             F.pca_whitening(x, eig_floor=0)
         with pytest.raises(ValueError, match=r"learned_whitening\(\): eig_floor must be in \(0, 1\).*got 1.5"):
             F.learned_whitening(x, pairs, eig_floor=1.5)
+        for bad in (-0.1, 1.5, "0.5", True):
+            with pytest.raises(
+                ValueError, match=r"learned_whitening\(\): shrinkage must be a number in \[0, 1\] \(0: Lw as published"
+            ):
+                F.learned_whitening(x, pairs, shrinkage=bad)
         with pytest.raises(ValueError, match=r"learned_whitening\(\): center must be 'all' or 'queries'; got 'query'"):
             F.learned_whitening(x, pairs, center="query")
         # pos_pairs

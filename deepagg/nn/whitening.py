@@ -195,6 +195,7 @@ class Whiten(nn.Module):
         *,
         eig_floor: float = 1e-10,
         center: str = "all",
+        shrinkage: float = 0.0,
     ) -> Whiten:
         r"""Fit the learned whitening Lw from matching pairs (see :func:`deepagg.functional.learned_whitening`).
 
@@ -205,6 +206,8 @@ class Whiten(nn.Module):
             eig_floor: Relative eigenvalue floor in (0, 1).
             center: ``"all"`` (the mean of all rows of ``X``) or ``"queries"`` (the mean of ``X[pos_pairs[:, 0]]``,
                 repeats counted, as cirtorch's ``whitenlearn``).
+            shrinkage: Shrinkage intensity a in [0, 1] of the pair covariance towards its mean eigenvalue (0: Lw as
+                published; a > 0 determines every direction, so there is no rank cap).
 
         Returns:
             ``self``, fitted, with ``out_dim = min(requested_out_dim, r)`` for the rank r of the pair-difference
@@ -230,6 +233,7 @@ class Whiten(nn.Module):
             "X",
             center=center,
             advice=f"build Whiten({self.in_dim}, out_dim={{rank}})",
+            shrinkage=shrinkage,
         )
         self._store(*fit)
         return self
