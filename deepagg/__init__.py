@@ -6,7 +6,23 @@ Modules are re-exported at the top level (``from deepagg import GeM``); the func
 
 from deepagg import backbones, functional, metrics, nn
 from deepagg.metrics import compute_map, evaluate_revisited
-from deepagg.nn import DBA, L2N, MAC, RMAC, CroW, GeM, PowerNorm, QueryExpansion, SPoC, Whiten
+from deepagg.nn import (
+    DBA,
+    L2N,
+    MAC,
+    RMAC,
+    CroW,
+    GeM,
+    HeR,
+    HeWPool,
+    PowerNorm,
+    QueryExpansion,
+    RerankChain,
+    Reranker,
+    RerankState,
+    SPoC,
+    Whiten,
+)
 
 __version__ = "0.1.0"
 
@@ -17,8 +33,13 @@ __all__ = [
     "RMAC",
     "CroW",
     "GeM",
+    "HeR",
+    "HeWPool",
     "PowerNorm",
     "QueryExpansion",
+    "RerankChain",
+    "RerankState",
+    "Reranker",
     "SPoC",
     "Whiten",
     "__version__",

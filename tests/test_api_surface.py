@@ -11,6 +11,9 @@ FUNCTIONAL = [
     "crow",
     "dba",
     "gem",
+    "heat_rerank",
+    "hew",
+    "hew_weights",
     "l2n",
     "learned_whitening",
     "mac",
@@ -23,7 +26,22 @@ FUNCTIONAL = [
     "spoc",
     "whiten",
 ]
-MODULES = ["DBA", "L2N", "MAC", "RMAC", "CroW", "GeM", "PowerNorm", "QueryExpansion", "SPoC", "Whiten"]
+MODULES = [
+    "DBA",
+    "L2N",
+    "MAC",
+    "RMAC",
+    "CroW",
+    "GeM",
+    "HeR",
+    "HeWPool",
+    "PowerNorm",
+    "QueryExpansion",
+    "RerankChain",
+    "Reranker",
+    "SPoC",
+    "Whiten",
+]
 
 
 @pytest.mark.parametrize("name", FUNCTIONAL)
@@ -46,6 +64,10 @@ def test_other_public_names() -> None:
     assert deepagg.compute_map is deepagg.metrics.compute_map
     assert deepagg.evaluate_revisited is deepagg.metrics.evaluate_revisited
     assert isinstance(deepagg.__version__, str)
+    assert deepagg.RerankState is nn.RerankState
+    assert callable(nn.rank_by_similarity)
+    for name in ("HeR", "QueryExpansion", "DBA", "RerankChain"):
+        assert issubclass(getattr(deepagg, name), deepagg.Reranker)
 
 
 def test_all_is_complete() -> None:

@@ -1,5 +1,6 @@
 """Pure, batched tensor functions: one per op, no state (see :mod:`deepagg.nn` for the modules)."""
 
+from deepagg.functional.heat import heat_rerank, hew, hew_weights
 from deepagg.functional.normalize import l2n, power_norm
 from deepagg.functional.pooling import crow, gem, mac, rmac, rmac_grid, rmac_regions, spoc
 from deepagg.functional.qe import dba, query_expansion
@@ -9,6 +10,9 @@ __all__ = [
     "crow",
     "dba",
     "gem",
+    "heat_rerank",
+    "hew",
+    "hew_weights",
     "l2n",
     "learned_whitening",
     "mac",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from deepagg.functional.qe import _check_alpha, _check_k, dba, query_expansion
+from deepagg.nn.rerank import Reranker, RerankState, rank_by_similarity
 
 __all__ = ["DBA", "QueryExpansion"]
 
@@ -18,7 +18,7 @@ def _validate(k: int, alpha: float, cls: str) -> tuple[int, float]:
         raise ValueError(str(err)) from None
 
 
-class QueryExpansion(nn.Module):
+class QueryExpansion(Reranker):
     r"""Average query expansion (``alpha = 0``) or alpha-QE (``alpha > 0``) of L2-normalised queries.
 
     Chum et al., ICCV 2007 (AQE); Radenović, Tolias and Chum, TPAMI 2018 (alpha-QE):
@@ -51,11 +51,16 @@ class QueryExpansion(nn.Module):
         """Expand queries ``q`` :math:`(Q, D)` against database ``db`` :math:`(N, D)`."""
         return query_expansion(q, db, k=self.k, alpha=self.alpha)
 
+    def rerank(self, state: RerankState) -> RerankState:
+        """The re-ranker interface: expanded queries, ranked again by cosine similarity."""
+        q = self(state.q, state.db)
+        return state.replace(q=q, ranks=rank_by_similarity(q, state.db))
+
     def extra_repr(self) -> str:
         return f"k={self.k}, alpha={self.alpha}"
 
 
-class DBA(nn.Module):
+class DBA(Reranker):
     r"""Database-side augmentation: each row becomes the (alpha-weighted) sum of itself and its k neighbours.
 
     Arandjelović and Zisserman, CVPR 2012; alpha-weights as alpha-QE (Radenović et al., TPAMI 2018). The row
@@ -86,6 +91,11 @@ class DBA(nn.Module):
     def forward(self, db: torch.Tensor) -> torch.Tensor:
         """Augment the database ``db`` :math:`(N, D)`."""
         return dba(db, k=self.k, alpha=self.alpha)
+
+    def rerank(self, state: RerankState) -> RerankState:
+        """The re-ranker interface: augmented database, ranked again by cosine similarity."""
+        db = self(state.db)
+        return state.replace(db=db, ranks=rank_by_similarity(state.q, db))
 
     def extra_repr(self) -> str:
         return f"k={self.k}, alpha={self.alpha}"
