@@ -34,12 +34,23 @@ def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _read_umask() -> int:
+    """The process umask (read once at import by setting and restoring it; there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success move it onto ``path`` with :func:`os.replace`.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
-    The parent folder is created if needed.
+    The parent folder is created if needed. The file gets the permissions a plain ``open`` would give
+    (``0o666`` minus the umask), not ``mkstemp``'s owner-only ``0o600``.
 
     Args:
         path: The destination.
@@ -58,6 +69,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as fh:
             yield fh
             if fsync:

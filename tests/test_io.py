@@ -30,3 +30,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         crash()
     assert dest.read_text() == "old"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_write_gives_plain_open_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from deepagg._io import _UMASK, atomic_write
+
+    with atomic_write(tmp_path / "a.bin") as fh:
+        fh.write(b"x")
+    with open(tmp_path / "b.bin", "wb") as fh:
+        fh.write(b"x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "b.bin").st_mode) == 0o666 & ~_UMASK
