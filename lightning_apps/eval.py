@@ -10,6 +10,23 @@ The whole configuration is checked before any work (values, every object it inst
 dataset the run needs and why, the query images, the whitening training set against the test images by
 content): a user error is one paragraph on stderr and exit code 2, never a traceback after the extraction.
 
+**Re-rankers.** ``rerank=<name>`` instantiates ``conf/rerank/<name>.yaml``, which must build a
+:class:`deepagg.Reranker` (one interface for all of them, ``deepagg/nn/rerank.py``): :func:`rank` ranks the
+valid database rows by cosine similarity (:meth:`deepagg.RerankState.initial`), calls ``rerank.rerank(state)``
+and maps the rankings back to database indices. Chains (e.g. AQE then HeR) are a :class:`deepagg.RerankChain`
+YAML. **Adding a re-ranker is one module + one YAML, no edit here**: subclass ``deepagg.Reranker``, implement
+``rerank(state) -> state``, and point a ``conf/rerank/<name>.yaml`` ``_target_`` at it. A re-ranker whose
+``requires`` names extra inputs the app does not provide yet (:data:`APP_EXTRAS`) is refused before any
+extraction, with their names.
+
+**HeW centre.** A pool with ``fit_center`` and ``variant="hewr"`` (``pool=hew_hewr``) centres local features by
+the mean local feature of a training set (the authors' practice: the other dataset). Before any image is
+described, the app fits it on the backbone feature maps of the database images of the whitening training set
+(``whiten_train``, or the test set's partner in :data:`WHITEN_TRAIN`, also with ``whiten=none``), at the run's
+imsize and scales, through the feature-map cache; with ``store=descriptors`` those maps are extracted into the
+cache anyway (the centre needs maps; a rerun reuses them). The pooled-descriptor cache key covers the fitted
+centre, and ``results.json`` records where it was fitted (``meta["pool_center_fitted_on"]``).
+
 Examples::
 
     python -m lightning_apps.eval                                  # clutter, VGG16, GeM, learned whitening
@@ -29,7 +46,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +63,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from deepagg._io import sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
-from deepagg.nn import DBA, QueryExpansion
+from deepagg.nn import Reranker, RerankState
 from lightning_apps.extract import (
     RESIZE_METHODS,
+    CacheEntryError,
     ExtractionItem,
     FeatureCache,
     ImageInfo,
@@ -95,6 +113,9 @@ MIN_SIDE = 32  # smallest long side (pixels) imsize * scale may ask for: below i
 STORES = ("maps", "descriptors")
 BATCHING = ("exact", "pad")
 WHITEN_FITS = ("learned", "pca")
+#: Names of the ``RerankState.extras`` this app can give a re-ranker (its ``requires``): none yet. Regional
+#: vectors, local features or a k-NN graph (diffusion, DSM) are added here and built in :func:`run`.
+APP_EXTRAS: frozenset[str] = frozenset()
 
 
 class ConfigError(ValueError):
@@ -447,32 +468,71 @@ def fit_whitening(
     return module  # type: ignore[no-any-return]
 
 
-def rank(
-    q: torch.Tensor, db: torch.Tensor, rerank: torch.nn.Module | None, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Apply the re-ranker and rank by cosine similarity (ties to the lower database index).
+def check_reranker(obj: Any, target: Any = None) -> Reranker:
+    """``obj`` if it is a :class:`deepagg.Reranker` whose ``requires`` the app can provide, else a ConfigError."""
+    if not isinstance(obj, Reranker):
+        cls = type(obj)
+        built = f"{target} builds" if target else "got"
+        raise ConfigError(
+            f"eval: rerank must build a deepagg.Reranker; {built} {cls.__module__}.{cls.__qualname__}, which is not "
+            "one. Subclass deepagg.Reranker and implement rerank(state: RerankState) -> RerankState (new rankings, "
+            "and possibly new descriptors; list the extra inputs it needs in `requires`), see deepagg/nn/rerank.py."
+        )
+    missing = [name for name in obj.requires if name not in APP_EXTRAS]
+    if missing:
+        raise ConfigError(
+            f"eval: re-ranker {type(obj).__name__} requires extra inputs {missing} (its `requires`) that this app "
+            f"cannot provide yet (it provides {sorted(APP_EXTRAS) or 'none'}); choose another rerank."
+        )
+    return obj
 
-    Database rows that are not ``valid`` (unreadable images) take no part in re-ranking (no query or database
-    expansion uses them) and come last in every ranking, in index order.
+
+def rank(q: torch.Tensor, db: torch.Tensor, rerank: Reranker | None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank by cosine similarity (ties to the lower database index), then apply the re-ranker.
+
+    The re-ranker gets :meth:`RerankState.initial` of the queries and the valid database rows and returns the
+    state after re-ranking; its rankings are mapped back to database indices. Database rows that are not
+    ``valid`` (unreadable images) take no part in re-ranking (no query or database expansion, no HeR shortlist
+    uses them) and come last in every ranking, in index order (when the re-ranker returns full rankings; after a
+    truncated ranking they are simply not listed, like every other unlisted image).
+
+    Raises:
+        ConfigError: If ``rerank`` is not a :class:`deepagg.Reranker` or requires extras the app lacks.
+        RuntimeError: If the re-ranker returns rankings that are not ``(Q, K)`` int64 with K <= valid rows.
     """
-    n = db.shape[0]
-    idx = torch.arange(n) if valid is None else torch.nonzero(valid).flatten()
-    sub = db[idx]
-    if isinstance(rerank, DBA):
-        sub = rerank(sub)
-    elif isinstance(rerank, QueryExpansion):
-        q = rerank(q, sub)
-    elif rerank is not None:
-        raise ConfigError(f"eval: unsupported re-ranker {type(rerank).__name__}.")
-    order = idx[torch.argsort(q @ sub.T, dim=1, descending=True, stable=True)]
-    if valid is None or bool(valid.all()):
+    if rerank is not None:
+        check_reranker(rerank)
+    idx = torch.arange(db.shape[0]) if valid is None else torch.nonzero(valid).flatten()
+    state = RerankState.initial(q, db[idx])
+    if rerank is not None:
+        with torch.no_grad():
+            state = rerank.rerank(state)
+    ranks = state.ranks
+    if ranks.ndim != 2 or ranks.shape[0] != q.shape[0] or ranks.shape[1] > idx.numel() or ranks.dtype != torch.int64:
+        raise RuntimeError(
+            f"eval: {type(rerank).__name__}.rerank() returned rankings of shape {tuple(ranks.shape)} and dtype "
+            f"{ranks.dtype}; expected ({q.shape[0]}, K) int64 with K <= {idx.numel()} (the valid database rows)."
+        )
+    order = idx[ranks]
+    if valid is None or bool(valid.all()) or ranks.shape[1] < idx.numel():
         return order
     rest = torch.nonzero(~valid).flatten()
     return torch.cat([order, rest.expand(q.shape[0], -1)], dim=1)
 
 
-def _need_datasets(cfg: DictConfig) -> tuple[RetrievalDataset, RetrievalDataset | None, str | None]:
-    """Load the test set and (when whitening is on) its training set; missing ones are named with the reason."""
+def needs_center(pool: torch.nn.Module) -> bool:
+    """Whether the pool centres local features by a training mean first (``HeWPool(variant="hewr")``)."""
+    return callable(getattr(pool, "fit_center", None)) and getattr(pool, "variant", None) == "hewr"
+
+
+def _need_datasets(
+    cfg: DictConfig, *, center: bool = False
+) -> tuple[RetrievalDataset, RetrievalDataset | None, str | None]:
+    """Load the test set and (when whitening is on, or ``center``) its training set; missing ones are named.
+
+    The training set (``whiten_train``, or the test set's partner in :data:`WHITEN_TRAIN`) serves to fit the
+    whitening and, with ``center``, the pool's centre (its database images' mean local feature).
+    """
     errors: list[str] = []
     test: RetrievalDataset | None = None
     train: RetrievalDataset | None = None
@@ -481,21 +541,32 @@ def _need_datasets(cfg: DictConfig) -> tuple[RetrievalDataset, RetrievalDataset 
     except DatasetNotFoundError as err:
         errors.append(f"the test set: {err}")
     train_name = None
-    if cfg.whiten.get("module") is not None:
+    whiten_on = cfg.whiten.get("module") is not None
+    uses = ([f"fit whiten={cfg.whiten.fit}"] if whiten_on else []) + (
+        [f"fit the HeW centre of pool={type_name(cfg.pool)} (variant hewr)"] if center else []
+    )
+    if uses:
         test_name = test.name if test is not None else str(cfg.dataset.get("name", cfg.dataset.get("variant", "")))
         train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(test_name)
         if train_name is None:
+            if not center:
+                raise ConfigError(
+                    f"eval: no default whitening training set for {test_name!r}; set whiten_train=<dataset> or "
+                    "whiten=none."
+                )
             raise ConfigError(
-                f"eval: no default whitening training set for {test_name!r}; set whiten_train=<dataset> or whiten=none."
+                f"eval: no default training set for {test_name!r}, needed to {' and '.join(uses)}; set "
+                "whiten_train=<dataset> (it names the training set of the centre too)."
             )
         why = (
-            f"{train_name!r} is needed to fit whiten={cfg.whiten.fit} "
+            f"{train_name!r} is needed to {' and '.join(uses)} "
             + (
                 "(whiten_train)"
                 if cfg.get("whiten_train")
                 else f"(the default whitening training set for {test_name!r})"
             )
-            + "; set whiten_train=<another dataset> or whiten=none to run without it"
+            + "; set whiten_train=<another dataset>"
+            + (" or whiten=none to run without it" if not center else "")
         )
         try:
             train = load_dataset(dataset_config(str(train_name)), cfg)
@@ -507,6 +578,73 @@ def _need_datasets(cfg: DictConfig) -> tuple[RetrievalDataset, RetrievalDataset 
         )
     assert test is not None
     return test, train, train_name
+
+
+def type_name(node: DictConfig) -> str:
+    """The class name a config node builds (``deepagg.HeWPool`` -> ``HeWPool``)."""
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo]) -> int:
+    """Fit ``pipe.pool.fit_center`` on the feature maps of ``train``'s database images; returns the positions used.
+
+    The maps are those of the run (imsize, every scale, batching, model), extracted through the feature-map cache
+    whatever ``store`` says (a centre is a mean of local features, not of pooled vectors), then streamed from the
+    cache one map at a time. Entries that cannot be read back are removed and extracted again, as in
+    :meth:`Pipeline.describe`.
+    """
+    c = pipe.cfg
+    plans = pipe.plans(infos, None)
+    for items in plans:
+        pipe.used_keys.update(it.key for it in items if it.key is not None)
+    positions = 0
+    for _attempt in range(3):
+        good: list[ExtractionItem] = []
+        for items in plans:
+            failures = extract_maps(
+                pipe.trainer,
+                pipe.backbone,
+                items,
+                pipe.cache,
+                batch_size=int(c.batch_size),
+                num_workers=int(c.num_workers),
+                overwrite=bool(c.overwrite) and _attempt == 0,
+            )
+            good += [it for i, it in enumerate(items) if it.key is not None and i not in failures]
+        if not good:
+            raise ImageReadError(
+                f"eval: no database image of {train.name!r} could be read to fit the HeW centre of the pool."
+            )
+        bad: list[str] = []
+        positions = 0
+
+        def maps(good: list[ExtractionItem] = good, bad: list[str] = bad) -> Iterator[torch.Tensor]:
+            nonlocal positions
+            for it in good:
+                key = str(it.key)
+                try:
+                    fmap = pipe.cache.get(key)
+                except (CacheEntryError, FileNotFoundError) as err:
+                    log.warning("%s; it will be recomputed", err)
+                    pipe.cache.remove(key)
+                    bad.append(key)
+                    continue
+                positions += fmap.shape[-2] * fmap.shape[-1]
+                yield fmap
+
+        try:
+            pipe.pool.fit_center(maps())  # type: ignore[operator]
+        except ValueError:
+            if not bad:  # no valid position although every map was read: not a cache problem
+                raise
+        if not _any_rank(bool(bad)):
+            break
+    else:
+        raise RuntimeError(
+            f"eval: cache entries under {pipe.cache.root} cannot be read back right after being written "
+            "(disk full or failing?)."
+        )
+    return positions
 
 
 def _check_queries(ds: RetrievalDataset, infos: Sequence[ImageInfo], role: str) -> None:
@@ -524,14 +662,15 @@ def _check_whitening_guard(
     train: RetrievalDataset,
     test_infos: Sequence[ImageInfo],
     train_infos: Sequence[ImageInfo],
+    what: str = "whitening",
 ) -> None:
-    """Refuse a whitening training set that shares image *content* with the test set (unless forced)."""
+    """Refuse a training set (of ``what``) that shares image *content* with the test set (unless forced)."""
     test_digests = {i.digest: i.path for i in test_infos if i.digest is not None}
     shared = [i for i in train_infos if i.digest is not None and i.digest in test_digests]
     if shared and not cfg.whiten.get("force_on_test", False):
-        example = f" (e.g. {shared[0].path} = {test_digests[shared[0].digest]})" if shared else ""
+        example = f" (e.g. {shared[0].path} = {test_digests[str(shared[0].digest)]})" if shared else ""
         raise ConfigError(
-            f"eval: whitening would be fitted on test images ({train.name!r} shares {len(shared)} images with "
+            f"eval: {what} would be fitted on test images ({train.name!r} shares {len(shared)} images with "
             f"{test.name!r} by content{example}); that inflates every number. Choose another whiten_train, or set "
             f"whiten.force_on_test=true to do it anyway."
         )
@@ -558,8 +697,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"))
     pool = _instantiate(cfg.pool, "pool").eval()
     rerank = _instantiate(cfg.rerank, "rerank") if cfg.rerank.get("_target_") else None
-    if rerank is not None and not isinstance(rerank, (DBA, QueryExpansion)):
-        raise ConfigError(f"eval: unsupported re-ranker {type(rerank).__name__}.")
+    if rerank is not None:
+        check_reranker(rerank, cfg.rerank.get("_target_"))
+    center = needs_center(pool)
     in_channels = getattr(backbone, "out_channels", None)
     dim = pool.out_dim(in_channels) if in_channels is not None and hasattr(pool, "out_dim") else None
     wdim = _plain(cfg.whiten.get("dim")) if cfg.whiten.get("module") is not None else None
@@ -569,14 +709,19 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             f"({type(pool).__name__} on {in_channels} channels); got {wdim}."
         )
     # 2. Every dataset the run needs, every query image, and the whitening guard, before any extraction.
-    ds, train, _ = _need_datasets(cfg)
+    ds, train, _ = _need_datasets(cfg, center=center)
+    whiten_on = cfg.whiten.get("module") is not None
     q_infos, db_infos = inspect_images(ds.queries), inspect_images(ds.images)
     _check_queries(ds, q_infos, "test")
     train_infos: tuple[list[ImageInfo], list[ImageInfo]] | None = None
-    if train is not None:
+    if train is not None and whiten_on:
         train_infos = (inspect_images(train.images), inspect_images(train.queries))
         _check_queries(train, train_infos[1], "whitening training")
         _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0] + train_infos[1])
+    elif train is not None and center:
+        # The HeW centre is fitted on the training set's database images: the same guard against test content.
+        train_infos = (inspect_images(train.images), [])
+        _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0], "the HeW centre of the pool")
     # 3. Extraction (cached), descriptors, whitening, ranking.
     precision = str(trainer.precision)
     model = model_id(
@@ -588,14 +733,21 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )
     cache = FeatureCache(Path(cfg.cache_dir))
     pipe = Pipeline(cfg, trainer, backbone, pool, cache, model, _module_id(pool, cfg.pool))
+    center_sha256 = None
+    if center and train is not None:
+        positions = fit_pool_center(pipe, train, train_infos[0] if train_infos else inspect_images(train.images))
+        log.info("hew centre fitted on %s: %d positions", train.name, positions)
+        center_sha256 = hashlib.sha256(pool.center.detach().cpu().numpy().tobytes()).hexdigest()
+        # The descriptor cache key covers the fitted centre: another centre never reuses old descriptors.
+        pipe.pool_id = hashlib.sha256(f"{_module_id(pool, cfg.pool)}|center={center_sha256}".encode()).hexdigest()
     q, q_fail = pipe.describe(pipe.plans(q_infos, ds.bbx))
     if q_fail:
         raise ImageReadError(f"eval: query images could not be read: {[str(ds.queries[i]) for i in q_fail][:5]}")
     db, failures = pipe.describe(pipe.plans(db_infos, None))
     valid = torch.ones(ds.num_images, dtype=torch.bool)
     valid[list(failures)] = False
-    whiten = None
-    if train is not None and train_infos is not None:
+    whiten: Any = None
+    if train is not None and train_infos is not None and whiten_on:
         whiten = fit_whitening(cfg, pipe, train, train_infos, db.shape[1])
         with torch.no_grad():
             db, q = whiten(db), whiten(q)
@@ -623,8 +775,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "backbone": cfg.backbone._target_,
         "ckpt_sha256": ckpt_sha256,
         "pool": cfg.pool._target_,
+        "pool_center_fitted_on": train.name if center_sha256 is not None and train is not None else None,
+        "pool_center_sha256": center_sha256,
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",
-        "whiten_train": train.name if train is not None else None,
+        "whiten_train": train.name if train is not None and whiten is not None else None,
         "whiten_dim": int(whiten.out_dim) if whiten is not None else None,
         "rerank": repr(rerank) if rerank is not None else "none",
         "imsize": cfg.imsize,

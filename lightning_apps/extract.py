@@ -199,7 +199,7 @@ def model_id(
         normalize: The input normalisation.
         store: The storage dtype of the maps.
     """
-    spec = {
+    spec: dict[str, Any] = {
         "backbone": backbone,
         "ckpt_sha256": ckpt_sha256,
         "precision": precision,

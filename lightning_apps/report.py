@@ -35,7 +35,7 @@ def _pct(v: float) -> str:
 
 def format_table(results: dict[str, Any], kappas: Sequence[int]) -> str:
     """Markdown table of mAP and mP@k (x100, 2 decimals) per setup."""
-    setups = [s for s in ("easy", "medium", "hard") if s in results] or ["all"]
+    setups: list[str] = [s for s in ("easy", "medium", "hard") if s in results] or ["all"]
     rows = {"all": results} if setups == ["all"] else results
     head = "| setup | mAP | " + " | ".join(f"mP@{k}" for k in kappas) + " |"
     sep = "|---|---:|" + "---:|" * len(kappas)

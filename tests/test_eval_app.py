@@ -17,9 +17,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
+from deepagg import HeR, Reranker
+from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError, load_revisitop
 from deepagg.metrics import evaluate_revisited
 from lightning_apps import eval as app
+from lightning_apps.extract import inspect_images
 from lightning_apps.metrics import RevisitedMAP
 
 from ._fakedata import copy_as_old_protocol, make_fake_revisitop, truncate_image
@@ -485,7 +487,26 @@ BAD_OVERRIDES = [
     (["rerank=aqe", "rerank.k=-1"], r"rerank cannot be built from .*k must be >= 0; got -1\."),
     (["pool=gem", "pool.p=-2"], r"pool cannot be built from .*p"),
     (["ckpt_path=/nonexistent/model.pt"], r"ckpt_path '/nonexistent/model\.pt' is not a file\."),
+    (
+        ["+rerank._target_=deepagg.GeM"],
+        r"rerank must build a deepagg\.Reranker; deepagg\.GeM builds deepagg\.nn\.pooling\.GeM, which is not one\. "
+        r"Subclass deepagg\.Reranker and implement rerank\(state: RerankState\) -> RerankState",
+    ),
+    (
+        ["+rerank._target_=tests.test_eval_app.NeedsRegions"],
+        r"re-ranker NeedsRegions requires extra inputs \['db_regions', 'knn_graph'\] \(its `requires`\) that this "
+        r"app cannot provide yet \(it provides none\)",
+    ),
 ]  # fmt: skip
+
+
+class NeedsRegions(Reranker):
+    """A re-ranker that needs extras the app does not provide (for the up-front check)."""
+
+    requires = ("db_regions", "knn_graph")
+
+    def rerank(self, state):  # type: ignore[no-untyped-def]
+        raise AssertionError("never called: the app refuses it before any work")
 
 
 @pytest.mark.parametrize(
@@ -574,14 +595,14 @@ def test_unreadable_database_image_ranks_last_on_every_path(
 
 def test_rank_keeps_invalid_rows_out_of_reranking() -> None:
     from deepagg.functional import l2n
-    from deepagg.nn import DBA, QueryExpansion
+    from deepagg.nn import DBA, QueryExpansion, RerankChain
 
     g = torch.Generator().manual_seed(0)
     db = l2n(torch.randn(6, 4, generator=g))
     db[3] = l2n(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))[0]  # whatever an unreadable row became after whitening
     q = db[3:4].clone()  # the query is most similar to the invalid row
     valid = torch.tensor([True, True, True, False, True, True])
-    for rr in (None, DBA(k=2), QueryExpansion(k=2, alpha=0.0)):
+    for rr in (None, DBA(k=2), QueryExpansion(k=2, alpha=0.0), HeR(k=3), RerankChain([QueryExpansion(k=2), HeR()])):
         ranks = app.rank(q, db, rr, valid)
         assert ranks[0, -1] == 3
         sub = app.rank(q, db[valid], rr)  # the same as ranking the valid rows alone
@@ -697,3 +718,207 @@ def test_native_bf16_reads_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert app.native_bf16("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert not app.native_bf16("cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One re-ranker interface; HeW / HeR in the app
+# --------------------------------------------------------------------------------------------------------------
+
+# Real weights: the randomly initialised MobileNetV2 of FAST gives all-zero maps at 128 px, on which every
+# pooling and re-ranking is the same.
+HEW_FAST = ["whiten=none", "num_vis_queries=0", "backbone.pretrained=true"]
+
+
+def test_rank_with_her_and_invalid_rows_equals_her_on_the_valid_rows() -> None:
+    from deepagg.functional import heat_rerank, l2n
+    from deepagg.nn.rerank import rank_by_similarity
+
+    g = torch.Generator().manual_seed(3)
+    db = l2n(torch.randn(12, 6, generator=g))
+    q = l2n(db[[2, 7]] + 0.3 * torch.randn(2, 6, generator=g))
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[[2, 5]] = False  # the row nearest to the first query is unreadable
+    ranks = app.rank(q, db, HeR(k=6, lam=0.5), valid)
+    keep = torch.nonzero(valid).flatten()
+    want = keep[heat_rerank(q, db[keep], rank_by_similarity(q, db[keep]), k=6, lam=0.5)]
+    assert torch.equal(ranks[:, :10], want)
+    assert ranks[:, 10:].tolist() == [[2, 5], [2, 5]]
+
+
+def test_rank_checks_what_the_reranker_is_and_returns() -> None:
+    from deepagg.functional import l2n
+
+    q, db = l2n(torch.randn(2, 4)), l2n(torch.randn(5, 4))
+    valid = torch.tensor([True, False, True, True, True])
+
+    class Top2(Reranker):
+        def rerank(self, state):  # type: ignore[no-untyped-def]
+            return state.replace(ranks=state.ranks[:, :2])
+
+    class Floats(Reranker):
+        def rerank(self, state):  # type: ignore[no-untyped-def]
+            return state.replace(ranks=state.ranks.float())
+
+    assert app.rank(q, db, Top2(), valid).shape == (2, 2)  # truncated: the invalid row is simply not listed
+    with pytest.raises(RuntimeError, match=r"Floats\.rerank\(\) returned rankings of shape \(2, 4\) and dtype "):
+        app.rank(q, db, Floats(), valid)
+    with pytest.raises(app.ConfigError, match=r"got torch\.nn\.modules\.linear\.Identity, which is not one"):
+        app.rank(q, db, torch.nn.Identity(), valid)  # type: ignore[arg-type]
+    with pytest.raises(app.ConfigError, match=r"NeedsRegions requires extra inputs \['db_regions', 'knn_graph'\]"):
+        app.rank(q, db, NeedsRegions(), valid)
+
+
+def _spy_rank(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    calls: list[dict] = []
+    real = app.rank
+
+    def spy(q, db, rerank, valid=None):  # type: ignore[no-untyped-def]
+        calls.append({"q": q, "db": db, "rerank": rerank, "ranks": real(q, db, rerank, valid)})
+        return calls[-1]["ranks"]
+
+    monkeypatch.setattr(app, "rank", spy)
+    return calls
+
+
+def _spy_pipeline(monkeypatch: pytest.MonkeyPatch) -> list[app.Pipeline]:
+    pipes: list[app.Pipeline] = []
+
+    class Spy(app.Pipeline):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            pipes.append(self)
+
+    monkeypatch.setattr(app, "Pipeline", Spy)
+    return pipes
+
+
+@pytest.mark.weights
+def test_her_and_qe_her_equal_reranking_the_plain_descriptors(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rerank=her / qe_her rank exactly as HeR / AQE-then-HeR applied by hand to the descriptors of a plain run."""
+    from deepagg.functional import heat_rerank, query_expansion
+    from deepagg.nn.heat import HER_DEFAULT_LAM
+    from deepagg.nn.rerank import rank_by_similarity
+
+    calls = _spy_rank(monkeypatch)
+    plain = _run(HEW_FAST, fake_root, "plain")
+    q, db = calls[0]["q"], calls[0]["db"]
+    torch.testing.assert_close(calls[0]["ranks"], rank_by_similarity(q, db), rtol=0, atol=0)
+    gnd = load_revisitop(fake_root / "data", "roxford5k", check_counts=False).gnd
+    lam = HER_DEFAULT_LAM["paper"]
+    qe = query_expansion(q, db, k=10)
+    want = {
+        "her": heat_rerank(q, db, rank_by_similarity(q, db), k=800, lam=lam),
+        "qe_her": heat_rerank(qe, db, rank_by_similarity(qe, db), k=800, lam=lam),
+    }
+    for name, ranks in want.items():
+        assert not torch.equal(ranks, calls[0]["ranks"]), f"{name} changes nothing here: a vacuous test"
+        results = _run([*HEW_FAST, f"rerank={name}"], fake_root, name)
+        torch.testing.assert_close(calls[-1]["db"], db, rtol=0, atol=0)  # same cached descriptors
+        assert torch.equal(calls[-1]["ranks"], ranks), name
+        by_hand = evaluate_revisited(ranks.numpy(), gnd, kappas=(1, 5, 10))
+        for setup in ("easy", "medium", "hard"):
+            np.testing.assert_allclose(results[setup]["aps"], by_hand[setup]["aps"], err_msg=f"{name} {setup}")
+    assert type(calls[-1]["rerank"]).__name__ == "RerankChain"
+    assert _meta(fake_root / "qe_her")["rerank"].startswith("RerankChain(")
+    assert 0.0 <= plain["medium"]["map"] <= 1.0
+
+
+def _pooled_by_hand(pipe: app.Pipeline, pool: torch.nn.Module, paths: list, bbx: list | None) -> torch.Tensor:
+    """Descriptors of one scale from the cached maps of the run, pooled one map at a time."""
+    items = pipe.plans(inspect_images(paths), bbx)[0]
+    with torch.no_grad():
+        return torch.cat([pool(pipe.cache.get(str(it.key))[None]) for it in items])
+
+
+@pytest.mark.weights
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_hew_pools_equal_pooling_the_cached_maps_by_hand(
+    train_set: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pool=hew and pool=hew_hewr (centre fitted on rparis6k's database maps, whiten=none) end to end."""
+    from deepagg.nn.rerank import rank_by_similarity
+
+    calls, pipes = _spy_rank(monkeypatch), _spy_pipeline(monkeypatch)
+    seen: list[torch.Tensor] = []
+    data = train_set / "data"
+    test = load_revisitop(data, "roxford5k", check_counts=False)
+    train = load_revisitop(data, "rparis6k", check_counts=False)
+    for name in ("hew", "hew_hewr"):
+        with caplog.at_level("INFO", logger="lightning_apps.eval"):
+            results = _run([*HEW_FAST, f"pool={name}"], train_set, name)
+        pool = instantiate(OmegaConf.load(CONF / "pool" / f"{name}.yaml"))
+        fitted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hew centre fitted")]
+        meta = _meta(train_set / name)
+        if name == "hew_hewr":
+            train_maps = [
+                pipes[-1].cache.get(str(it.key)) for it in pipes[-1].plans(inspect_images(train.images), None)[0]
+            ]
+            pool.fit_center(iter(train_maps))
+            torch.testing.assert_close(pipes[-1].pool.center, pool.center)
+            n = sum(m.shape[1] * m.shape[2] for m in train_maps)
+            assert fitted == [f"hew centre fitted on rparis6k: {n} positions"]
+            assert meta["pool_center_fitted_on"] == "rparis6k"
+            assert meta["whiten_train"] is None  # whiten=none: only the centre came from rparis6k
+        else:
+            assert fitted == []
+            assert meta["pool_center_fitted_on"] is None
+        q = _pooled_by_hand(pipes[-1], pool, test.queries, test.bbx)
+        db = _pooled_by_hand(pipes[-1], pool, test.images, None)
+        torch.testing.assert_close(calls[-1]["q"], q)
+        torch.testing.assert_close(calls[-1]["db"], db)
+        by_hand = evaluate_revisited(rank_by_similarity(q, db).numpy(), test.gnd, kappas=(1, 5, 10))
+        np.testing.assert_allclose(results["medium"]["aps"], by_hand["medium"]["aps"])
+        np.testing.assert_allclose(results["hard"]["aps"], by_hand["hard"]["aps"])
+        seen.append(db)
+    assert not torch.allclose(seen[0], seen[1], atol=1e-3)  # the centred variant pools otherwise
+
+
+@pytest.mark.weights
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_hewr_descriptor_cache_follows_the_centre(train_set: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """store=descriptors: a centre fitted elsewhere (whiten_train=paris6k) gets new descriptors, never old ones."""
+    other = make_fake_revisitop(train_set / "other", "rparis6k", seed=2, flip_db=True, flip_queries=True)
+    copy_as_old_protocol(other, train_set / "data", "paris6k")
+    common = [*HEW_FAST, "pool=hew_hewr", "store=descriptors"]
+
+    def descriptor_entries() -> set[str]:
+        return {p.name for p in (train_set / "data" / "features").rglob("*.pt") if torch.load(p).ndim == 1}
+
+    with caplog.at_level("INFO", logger="lightning_apps.eval"):
+        first = _run(common, train_set, "a")
+        after_first = descriptor_entries()
+        _run([*common, "whiten_train=paris6k"], train_set, "b")
+        after_second = descriptor_entries()
+        third = _run(common, train_set, "c")
+    assert len(after_first) == 12  # the 10 database images and 2 queries of roxford5k
+    assert len(after_second) == 24  # another centre: 12 new descriptors
+    assert descriptor_entries() == after_second  # the first centre again: its descriptors are reused
+    np.testing.assert_array_equal(first["medium"]["aps"], third["medium"]["aps"])
+    a, b, c = (_meta(train_set / x) for x in "abc")
+    assert (a["pool_center_fitted_on"], b["pool_center_fitted_on"]) == ("rparis6k", "paris6k")
+    assert a["pool_center_sha256"] == c["pool_center_sha256"] != b["pool_center_sha256"]
+    fitted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hew centre fitted")]
+    assert [m.split(":")[0] for m in fitted] == [
+        f"hew centre fitted on {x}" for x in ("rparis6k", "paris6k", "rparis6k")
+    ]
+    # the centre is fitted on maps even with store=descriptors: the training maps are in the cache (3-D entries)
+    maps = [p for p in (train_set / "data" / "features").rglob("*.pt") if torch.load(p).ndim == 3]
+    assert len(maps) == 20
+
+
+def test_hewr_centre_set_is_needed_up_front_also_without_whitening(fake_root: Path) -> None:
+    """pool=hew_hewr with whiten=none still needs rparis6k (the centre), named before any extraction."""
+    with pytest.raises(DatasetNotFoundError) as info:
+        _run([*HEW_FAST, "pool=hew_hewr"], fake_root)
+    text = str(info.value)
+    assert "'rparis6k' is needed to fit the HeW centre of pool=HeWPool (variant hewr)" in text
+    assert "python -m deepagg.data.download rparis6k" in text
+    assert not (fake_root / "data" / "features").exists()
+
+
+@pytest.mark.usefixtures("lenient_dataset_configs")
+def test_hewr_centre_on_test_images_is_refused(fake_root: Path) -> None:
+    """The HeW centre obeys the whitening guard: fitted on the test set's own images it is refused up front."""
+    with pytest.raises(app.ConfigError, match=r"the HeW centre of the pool would be fitted on test images"):
+        _run([*HEW_FAST, "pool=hew_hewr", "whiten_train=roxf"], fake_root)
+    assert not (fake_root / "data" / "features").exists()
