@@ -160,6 +160,10 @@ def run(quick: bool = False) -> list[dict]:
             tol=1e-4,
         )
         row["case"] += f"; {row['ours_ms'] / nq:.2f} ms/query"
+        if variant == "paper":  # the CPU default solves one query at a time: against batched solves
+            for chunk in (8, nq):
+                ms, _ = median_iqr_ms(lambda chunk=chunk: heat_rerank(q, db, ranks, k=k, lam=1.0, chunk=chunk), quick)
+                row["case"] += f"; chunk={chunk}: {ms / nq:.2f}"
         rows.append(row)
     if torch.cuda.is_available() and not quick:
         xg = _maps(64, 512, 24, 32, g).cuda()
