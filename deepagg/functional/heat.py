@@ -73,12 +73,15 @@ def _check_variant(variant: str, fn: str) -> None:
         raise ValueError(f"{fn}(): variant must be one of {VARIANTS}; got {variant!r}.")
 
 
-def _unit_rows(f: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of ``f`` scaled to unit norm where ``keep`` (and the norm is > 0), else exactly 0; finite gradients."""
-    sq = (f * f).sum(-1, keepdim=True)
-    ok = keep[..., None] & (sq > 0)
-    inv = torch.rsqrt(torch.where(ok, sq, torch.ones_like(sq)))
-    return torch.where(ok, f * inv, torch.zeros_like(f))
+def _inv_norms(f: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``1 / ||f_l||`` of the columns of ``f`` (B, C, n) where ``keep`` and the norm is > 0, else exactly 0.
+
+    Safe gradients: the rsqrt never sees a zero. Columns are reduced over C in the contiguous (B, C, n) layout
+    of the feature maps (reducing the transposed (B, n, C) view was 5x slower).
+    """
+    sq = (f * f).sum(1) if f.requires_grad else torch.linalg.vector_norm(f, dim=1).square()  # no temporary
+    ok = keep & (sq > 0)
+    return torch.where(ok, torch.rsqrt(torch.where(ok, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
 def _cholesky(k: torch.Tensor) -> torch.Tensor:
@@ -96,34 +99,39 @@ def auto_method(n: int, c: int) -> str:
     return "woodbury" if 4 * n * c * c + c**3 < 2 * n * n * c + n**3 else "cholesky"
 
 
-def _paper_weights(u: torch.Tensor, valid: torch.Tensor, lam: float, method: str) -> torch.Tensor:
-    """``w = lam * diag(K^-1)`` on the valid nodes of each image (0 elsewhere); u: (B, n, C) unit rows."""
-    n, c = u.shape[-2], u.shape[-1]
+def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str) -> torch.Tensor:
+    """``w = lam * diag(K^-1)`` on the valid non-zero positions (0 elsewhere); f: (B, C, n) features."""
+    c, n = f.shape[-2], f.shape[-1]
     if method == "auto":
         method = auto_method(n, c)
-    # E_l = a_l + 1 = (U U^T 1)_l + lam (the self term u_l.u_l = 1 of the Gram matrix is inside it).
-    e = torch.where(valid, (u @ u.sum(-2, keepdim=True).mT)[..., 0] + lam, torch.ones_like(u[..., 0]))
+    inv = _inv_norms(f, valid)  # (B, n); 0 marks a masked or zero feature: it takes no part
+    ok = inv > 0
+    # E_l = a_l + 1 = u_l . (sum_m u_m) + lam (the self term u_l.u_l = 1 of the Gram matrix is inside it).
+    total = f @ inv[..., None]  # (B, C, 1) = sum_m u_m
+    e = torch.where(ok, inv * (total.mT @ f)[:, 0] + lam, torch.ones_like(inv))
     if method == "woodbury":
-        z = u * torch.rsqrt(e)[..., None]
-        g = torch.eye(c, dtype=u.dtype, device=u.device) - z.mT @ z
+        zt = f * (inv * torch.rsqrt(e))[:, None]  # (B, C, n), column l = u_l / sqrt(E_l)
+        g = torch.eye(c, dtype=f.dtype, device=f.device) - zt @ zt.mT
         ginv = torch.cholesky_inverse(_cholesky(g))
-        d = (1 + ((z @ ginv) * z).sum(-1)) / e
+        w = ginv @ zt
+        w = w * zt if zt.requires_grad else w.mul_(zt)  # in place without autograd: one map-sized buffer less
+        d = (1 + w.sum(1)) / e
     else:
-        k = torch.diag_embed(e) - u @ u.mT
-        d = torch.cholesky_inverse(_cholesky(k)).diagonal(dim1=-2, dim2=-1)
-    return torch.where(valid, lam * d, torch.zeros_like(d))
+        ut = f * inv[:, None]
+        d = torch.cholesky_inverse(_cholesky(torch.diag_embed(e) - ut.mT @ ut)).diagonal(dim1=-2, dim2=-1)
+    return torch.where(ok, lam * d, torch.zeros_like(d))
 
 
 def _hewr_weights(
     f: torch.Tensor, valid: torch.Tensor, lam: float, center: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
-    """The authors' potential, inverted; f: (B, n, C) uncentred features."""
+    """The authors' potential, inverted; f: (B, C, n) uncentred features."""
     n_valid = valid.sum(-1, keepdim=True).to(f.dtype)
-    zero_sum = f.sum(-1) == 0
-    fc = f if center is None else f - center.to(f.dtype)
-    u = _unit_rows(fc, valid)
-    a = u @ u.mT
-    n = f.shape[-2]
+    zero_sum = f.sum(1) == 0
+    fc = f if center is None else f - center.to(f.dtype)[:, None]
+    ut = fc * _inv_norms(fc, valid)[:, None]
+    a = ut.mT @ ut
+    n = f.shape[-1]
     eye = torch.eye(n, dtype=torch.bool, device=f.device)
     drop = eye | (zero_sum[..., :, None] & zero_sum[..., None, :]) | ~(valid[..., :, None] & valid[..., None, :])
     a = torch.where(drop | (a < threshold) | (a <= 0), torch.zeros_like(a), a)
@@ -177,13 +185,12 @@ def _hew_weights(
         check_same_device({"x": x, "center": center}, fn=fn)
     b, _, h, w = x.shape
     dtype = _compute_dtype(x) if center is None else _compute_dtype(x, center)
-    f = x.to(dtype).flatten(2).mT  # (B, n, C)
+    f = x.to(dtype).flatten(2)  # (B, C, n): reductions over C stay in the maps' contiguous layout
     valid = torch.ones(b, h * w, dtype=torch.bool, device=x.device) if mask is None else mask.flatten(1)
-    # Garbage (inf, nan) in padding must not leak: zero it before any product.
-    f = torch.where(valid[..., None], f, torch.zeros((), dtype=dtype, device=x.device))
+    if mask is not None:  # garbage (inf, nan) in padding must not leak: zero it before any product
+        f = torch.where(valid[:, None], f, torch.zeros((), dtype=dtype, device=x.device))
     if variant == "paper":
-        nonzero = (f != 0).any(-1)
-        weights = _paper_weights(_unit_rows(f, valid & nonzero), valid & nonzero, lam, method)
+        weights = _paper_weights(f, valid, lam, method)
     else:
         thr = HEWR_THRESHOLD if affinity_threshold is None else float(affinity_threshold)
         weights = _hewr_weights(f, valid, lam, center, thr)
