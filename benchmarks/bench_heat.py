@@ -107,7 +107,9 @@ def run(quick: bool = False) -> list[dict]:
         for variant, lam, cen in [("paper", 1.0, None), ("hewr", 0.1, center)]:
             ours = hew_weights(x, lam=lam, variant=variant, center=cen)
             # Accuracy against the float64 dense formula (float32 inverses of either kind drift by ~1e-5 relative,
-            # more on nearly isolated positions, where the weight is a ratio of small numbers).
+            # more on nearly isolated positions, where the weight is a ratio of small numbers). In "hewr" an
+            # affinity within float32 rounding of the 0.1 threshold can fall on the other side of it than in
+            # float64, which moves a few weights by up to ~1e-2 (the authors' float32 code has the same jumps).
             ref = ref_hew_dense(x.double(), lam, variant, None if cen is None else cen.double())
             fin = torch.isfinite(ref)  # the authors' code gives isolated positions an infinite weight
             diff = float(((ours.double() - ref).abs() / ref.abs().clamp(min=1e-12))[fin].max())
@@ -120,7 +122,7 @@ def run(quick: bool = False) -> list[dict]:
                 diff,
                 reference="dense inverse per image (HeWR)",
                 quick=quick,
-                tol=1e-2,
+                tol=1e-4 if variant == "paper" else 5e-2,
             )
             if variant == "paper":
                 z = torch.randn(b, n, c, generator=g)
