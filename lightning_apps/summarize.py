@@ -94,6 +94,12 @@ def collect(root: Path) -> list[dict[str, Any]]:
     return sorted(runs, key=_meta_key)
 
 
+def _natural(text: str) -> tuple[tuple[int, float | str], ...]:
+    """A sort key that orders the numbers inside a string numerically (``HeR(k=25)`` before ``HeR(k=100)``)."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", text)
+    return tuple((0, float(p)) if i % 2 else (1, p) for i, p in enumerate(parts) if p)  # digits first, as ASCII
+
+
 def _meta_key(run: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(run["meta"].get(k)) for k in _META_SORT)
 
@@ -340,7 +346,7 @@ def table(
     order = sorted(
         range(len(runs)),
         key=lambda i: (
-            fixed[i],
+            tuple(_natural(str(v)) for v in fixed[i]),
             tuple(_order(rows[i][1].get(k, _MISSING)) for k in extra),
             str(runs[i].get("path", "")),
         ),

@@ -177,11 +177,21 @@ def test_whiten_dim_becomes_a_column_rerank_parameters_are_in_their_column(tmp_p
     assert text.splitlines()[0] == FIXED + " | whiten.dim | Medium mAP | Hard mAP |"  # no rerank.k, rerank.alpha
     rows = _rows(text)
     assert [(r["re-ranking"], r["whiten.dim"], r["Medium mAP"]) for r in rows] == [
+        ("QueryExpansion(k=5, alpha=3.0)", "128", "30.00"),  # numbers inside the cells sort numerically
         ("QueryExpansion(k=10, alpha=0.0)", "128", "40.00"),
         ("QueryExpansion(k=10, alpha=3.0)", "-", "10.00"),
         ("QueryExpansion(k=10, alpha=3.0)", "128", "20.00"),
-        ("QueryExpansion(k=5, alpha=3.0)", "128", "30.00"),
     ]
+
+
+def test_a_k_ablation_sorts_numerically(tmp_path: Path) -> None:
+    her = {"_target_": "deepagg.HeR", "k": 800, "lam": None, "variant": "paper"}
+    for k in (800, 25, 100, 50):
+        meta = _meta(_config())
+        meta["rerank"] = f"HeR(k={k}, lam=1.0, variant='paper')"
+        _write_run(tmp_path, f"k{k}", _config(rerank={**her, "k": k}), k / 1000, meta=meta)
+    rows = _rows(summarize.main([str(tmp_path)]))
+    assert [r["Medium mAP"] for r in rows] == ["2.50", "5.00", "10.00", "80.00"]
 
 
 def test_reranker_parameter_missing_from_its_repr_becomes_a_column(tmp_path: Path) -> None:
