@@ -12,6 +12,7 @@ shape, dtype, device) is checked here: these checks never synchronise with a GPU
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -182,3 +183,21 @@ def check_feature_mask(mask: torch.Tensor | None, x: torch.Tensor, *, fn: str) -
     )
     check_dtype(mask, (torch.bool,), name="mask", fn=fn)
     check_same_device({"x": x, "mask": mask}, fn=fn)
+
+
+def check_int(value: Any, *, name: str, fn: str, minimum: int) -> int:
+    """``value`` as an int (``operator.index``) if it is one and >= ``minimum``; bools are refused.
+
+    Raises:
+        TypeError: If ``value`` is a bool or not an integer.
+        ValueError: If ``value < minimum``.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{fn}(): {name} must be an int >= {minimum}; got {value!r}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}(): {name} must be an int >= {minimum}; got {type(value).__name__} {value!r}.") from None
+    if value < minimum:
+        raise ValueError(f"{fn}(): {name} must be >= {minimum}; got {value}.")
+    return int(value)

@@ -39,11 +39,9 @@ so it ranks identically). One k x k Cholesky solve per query.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
-from deepagg._checks import check_dtype, check_floating, check_same_device, check_shape
+from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
 from deepagg.functional.pooling import _check_maps
 
 __all__ = ["heat_rerank", "hew", "hew_weights"]
@@ -340,15 +338,7 @@ def hew(
 
 
 def _check_k(k: int, fn: str) -> int:
-    if isinstance(k, bool):
-        raise TypeError(f"{fn}(): k must be an int >= 1; got {k!r}.")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"{fn}(): k must be an int >= 1; got {type(k).__name__} {k!r}.") from None
-    if k < 1:
-        raise ValueError(f"{fn}(): k must be >= 1; got {k}.")
-    return k
+    return check_int(k, name="k", fn=fn, minimum=1)
 
 
 @torch.no_grad()

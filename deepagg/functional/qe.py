@@ -21,26 +21,17 @@ with zero gradient; for ``0 < alpha < 1`` the weight's derivative grows without 
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
-from deepagg._checks import check_floating, check_same_device, check_shape
+from deepagg._checks import check_floating, check_int, check_same_device, check_shape
 from deepagg.functional.normalize import l2n
 
 __all__ = ["dba", "query_expansion"]
 
 
 def _check_k(k: int, fn: str) -> int:
-    if isinstance(k, bool):
-        raise TypeError(f"{fn}(): k must be an int >= 0; got {k!r}.")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"{fn}(): k must be an int >= 0; got {type(k).__name__} {k!r}.") from None
-    if k < 0:
-        raise ValueError(f"{fn}(): k must be >= 0; got {k}.")
-    return k
+    return check_int(k, name="k", fn=fn, minimum=0)
 
 
 def _check_alpha(alpha: float, fn: str) -> float:
