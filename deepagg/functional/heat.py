@@ -43,6 +43,7 @@ import torch
 
 from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
 from deepagg.functional.pooling import _check_maps
+from deepagg.functional.qe import _compute_dtype
 
 __all__ = ["heat_rerank", "hew", "hew_weights"]
 
@@ -51,24 +52,17 @@ METHODS = ("auto", "cholesky", "woodbury")
 HEWR_THRESHOLD = 0.1
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _check_positive(value: float, name: str, fn: str) -> float:
+    """``value`` as a float if it is a finite number > 0 (bools refused), else ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{fn}(): {name} must be a finite float > 0; got {value!r}.")
+    return float(value)
 
 
-def _check_lam(lam: float, fn: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{fn}(): lam must be a float > 0; got {type(lam).__name__} {lam!r}.")
-    if not 0 < lam < float("inf"):
-        raise ValueError(f"{fn}(): lam must be a finite float > 0; got {lam}.")
-    return float(lam)
-
-
-def _check_variant(variant: str, fn: str) -> None:
+def _check_variant(variant: str, fn: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"{fn}(): variant must be one of {VARIANTS}; got {variant!r}.")
+    return variant
 
 
 def _inv_norms(f: torch.Tensor, keep: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,8 +84,8 @@ def _cholesky(k: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(factor, float("nan")), factor)
 
 
-def auto_method(n: int, c: int) -> str:
-    r"""The faster exact path of ``variant="paper"`` for n positions and C channels (measured crossover).
+def _auto_method(n: int, c: int) -> str:
+    r"""The cheaper exact path of ``variant="paper"`` for n positions and C channels, by flop count.
 
     Dense: Gram :math:`2n^2C` + Cholesky and inverse :math:`\approx n^3`; Woodbury: :math:`4nC^2 + C^3`.
     """
@@ -102,7 +96,7 @@ def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str
     """``w = lam * diag(K^-1)`` on the valid non-zero positions (0 elsewhere); f: (B, C, n) features."""
     c, n = f.shape[-2], f.shape[-1]
     if method == "auto":
-        method = auto_method(n, c)
+        method = _auto_method(n, c)
     # Without autograd one map-sized work buffer serves the squares and then the scaled features: every fresh
     # map-sized allocation costs page faults on a CPU (glibc hands buffers this large back to the OS).
     buf = None if f.requires_grad else torch.empty_like(f)
@@ -169,7 +163,7 @@ def _hew_weights(
 ) -> torch.Tensor:
     """:func:`hew_weights`, with errors naming ``fn`` (the function the user called)."""
     _check_maps(x, mask, fn)
-    lam = _check_lam(lam, fn)
+    lam = _check_positive(lam, "lam", fn)
     _check_variant(variant, fn)
     if method not in METHODS:
         raise ValueError(f"{fn}(): method must be one of {METHODS}; got {method!r}.")
@@ -316,9 +310,7 @@ def hew(
         torch.Size([2, 512])
     """
     fn = "hew"
-    for name, value in (("alpha", alpha), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{fn}(): {name} must be a finite float > 0; got {value!r}.")
+    alpha, eps = _check_positive(alpha, "alpha", fn), _check_positive(eps, "eps", fn)
     weights = _hew_weights(
         x,
         lam=lam,
@@ -335,10 +327,6 @@ def hew(
         xf = torch.where(mask[:, None], xf, torch.zeros((), dtype=dtype, device=x.device))
     pooled = (xf * weights.to(dtype)[:, None]).sum((-2, -1))
     return pooled.clamp(min=eps).pow(alpha).to(x.dtype)
-
-
-def _check_k(k: int, fn: str) -> int:
-    return check_int(k, name="k", fn=fn, minimum=1)
 
 
 @torch.no_grad()
@@ -428,22 +416,23 @@ def heat_rerank(
     check_floating(db, name="db", fn=fn)
     check_dtype(ranks, (torch.int64,), name="ranks", fn=fn)
     check_same_device({"q": q, "db": db, "ranks": ranks}, fn=fn)
-    k = min(_check_k(k, fn), ranks.shape[1])
-    lam = _check_lam(lam, fn)
+    k = min(check_int(k, name="k", fn=fn, minimum=1), ranks.shape[1])
+    lam = _check_positive(lam, "lam", fn)
     _check_variant(variant, fn)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"{fn}(): chunk must be None or an int >= 1; got {chunk!r}.")
+    if chunk is not None:
+        chunk = check_int(chunk, name="chunk", fn=fn, minimum=1)
     if k <= 1 or q.shape[0] == 0:
         return ranks.clone()
     dtype = _compute_dtype(q, db)
     step = chunk if chunk is not None else (q.shape[0] if q.device.type == "cuda" else 1)
     head = ranks[:, :k]
+    qc, dbc = q.to(dtype), db.to(dtype)  # once, not per chunk
     out = []
     with torch.no_grad():
         for start in range(0, q.shape[0], step):
             sl = slice(start, start + step)
             top = head[sl]
-            mu = _her_rewards(q[sl].to(dtype), db.to(dtype)[top], lam=lam, variant=variant)
+            mu = _her_rewards(qc[sl], dbc[top], lam=lam, variant=variant)
             mu = torch.nan_to_num(mu, nan=0.0)  # a failed factorisation keeps the old order (all ties)
             order = torch.argsort(mu, dim=1, descending=True, stable=True)
             out.append(top.gather(1, order))

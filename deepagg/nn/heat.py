@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from deepagg._checks import ShapeError
-from deepagg.functional.heat import METHODS, VARIANTS, heat_rerank, hew
+from deepagg.functional.heat import METHODS, _check_positive, _check_variant, heat_rerank, hew
 from deepagg.functional.normalize import l2n
 from deepagg.nn.pooling import _Pool, _upcast
 from deepagg.nn.rerank import Reranker, RerankState
@@ -20,18 +20,6 @@ __all__ = ["HeR", "HeWPool"]
 HEW_DEFAULT_LAM = {"paper": 1.0, "hewr": 0.1}
 #: Default ground conductance of HeR per variant ("hewr": the authors' constZ).
 HER_DEFAULT_LAM = {"paper": 1.0, "hewr": 0.1}
-
-
-def _check_number(value: Any, name: str, cls: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{cls}(): {name} must be a finite float > 0; got {value!r}.")
-    return float(value)
-
-
-def _check_variant(variant: str, cls: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"{cls}(): variant must be one of {VARIANTS}; got {variant!r}.")
-    return variant
 
 
 class HeWPool(_Pool):
@@ -82,9 +70,9 @@ class HeWPool(_Pool):
         super().__init__()
         cls = "HeWPool"
         self.variant = _check_variant(variant, cls)
-        self.lam = HEW_DEFAULT_LAM[variant] if lam is None else _check_number(lam, "lam", cls)
-        self.alpha = _check_number(alpha, "alpha", cls)
-        self.eps = _check_number(eps, "eps", cls)
+        self.lam = HEW_DEFAULT_LAM[variant] if lam is None else _check_positive(lam, "lam", cls)
+        self.alpha = _check_positive(alpha, "alpha", cls)
+        self.eps = _check_positive(eps, "eps", cls)
         if method not in METHODS:
             raise ValueError(f"{cls}(): method must be one of {METHODS}; got {method!r}.")
         if variant == "paper" and affinity_threshold is not None:
@@ -214,7 +202,7 @@ class HeR(Reranker):
             raise ValueError(f"{cls}(): k must be an int >= 1; got {k!r}.")
         self.k = k
         self.variant = _check_variant(variant, cls)
-        self.lam = HER_DEFAULT_LAM[variant] if lam is None else _check_number(lam, "lam", cls)
+        self.lam = HER_DEFAULT_LAM[variant] if lam is None else _check_positive(lam, "lam", cls)
 
     def forward(self, q: torch.Tensor, db: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Re-rank the top k of ``ranks`` :math:`(Q, K)` for queries ``q`` against database ``db``."""
