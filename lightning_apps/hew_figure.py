@@ -47,9 +47,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from deepagg._io import atomic_write
 from deepagg.backbones import WeightsNotFoundError, imagenet_normalize, mobilenet_v2, vgg16
-from deepagg.data import ImageReadError, load_gnd, query_resize_size, read_image
+from deepagg.data import ImageReadError, load_gnd, read_image
 from deepagg.functional import hew_weights
 from deepagg.nn.heat import HEW_DEFAULT_LAM
+from lightning_apps.extract import target_size
 
 __all__ = [
     "HewFigureError",
@@ -656,7 +657,7 @@ def run(args: argparse.Namespace) -> Path:
     box = parse_region(args.region, pil.size) if args.region is not None else None
 
     net = _backbone(args.backbone)
-    out_hw = query_resize_size(full_hw, full_hw, min(args.imsize, max(full_hw)))
+    out_hw, _ = target_size(full_hw, full_hw, imsize=args.imsize, scale=1.0)  # the eval app's sizing rule
     x = TF.resize(img.float() / 255.0, list(out_hw), antialias=True).clamp(0.0, 1.0)
     with torch.inference_mode():
         maps = net(imagenet_normalize(x[None])).float()
