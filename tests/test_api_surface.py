@@ -8,6 +8,8 @@ import deepagg
 from deepagg import functional, nn
 
 FUNCTIONAL = [
+    "agaussian_center",
+    "agaussian_echannel",
     "crow",
     "dba",
     "gem",
@@ -27,6 +29,7 @@ FUNCTIONAL = [
     "whiten",
 ]
 MODULES = [
+    "AGaussianEChannelPool",
     "DBA",
     "L2N",
     "MAC",

@@ -1,5 +1,6 @@
 """nn.Modules, one per functional op (forward = one call), plus the stateful ones."""
 
+from deepagg.nn.coweight import AGaussianEChannelPool
 from deepagg.nn.heat import HeR, HeWPool
 from deepagg.nn.normalize import L2N, PowerNorm
 from deepagg.nn.pooling import MAC, RMAC, CroW, GeM, SPoC
@@ -12,6 +13,7 @@ __all__ = [
     "L2N",
     "MAC",
     "RMAC",
+    "AGaussianEChannelPool",
     "CroW",
     "GeM",
     "HeR",
