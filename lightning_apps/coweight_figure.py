@@ -53,12 +53,12 @@ from lightning_apps.hew_figure import (
     MARGIN,
     MIN_SIDE,
     HewFigureError,
-    _backbone,
-    _colour_bar,
-    _font,
-    _heat,
-    _wrap,
+    colour_bar,
     default_image,
+    heat_overlay,
+    load_backbone,
+    load_font,
+    wrap_text,
 )
 
 __all__ = [
@@ -240,11 +240,11 @@ def render(rows: Sequence[Row], alphas: Sequence[float]) -> tuple[Image.Image, l
             raise ValueError(f"render(): rows[{k}].smap must be 2-D (h, w); got shape {np.shape(row.smap)}.")
         if len(row.centres) != len(alphas):
             raise ValueError(f"render(): rows[{k}] has {len(row.centres)} centres for {len(alphas)} alphas.")
-    title_font, font = _font(15), _font(12)
+    title_font, font = load_font(15), load_font(12)
     pw = PANEL_SIDE + 2 * MARGIN
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heads = ["S' = channel sum of the last conv map", *(_alpha_title(a) for a in alphas)]
-    wrapped = [[_wrap(probe, t, title_font, PANEL_SIDE) for t in [row.title, *heads]] for row in rows]
+    wrapped = [[wrap_text(probe, t, title_font, PANEL_SIDE) for t in [row.title, *heads]] for row in rows]
     title_h = 8 + 19 * max(len(lines) for panel in wrapped for lines in panel)
     sizes = []
     for row in rows:
@@ -260,7 +260,7 @@ def render(rows: Sequence[Row], alphas: Sequence[float]) -> tuple[Image.Image, l
         peak = float(smap.max())
         s = smap / peak if peak > 0 else smap
         vmin, vmax = float(s.min()), float(s.max())
-        heat = _heat(shown.convert("L"), s, vmin, vmax, size)
+        heat = heat_overlay(shown.convert("L"), s, vmin, vmax, size)
         gh, gw = s.shape
         panels = [shown, heat]
         notes = [f"{row.caption}\n" if row.caption else "", "S' / max S': red = high, blue = low"]
@@ -284,9 +284,9 @@ def render(rows: Sequence[Row], alphas: Sequence[float]) -> tuple[Image.Image, l
             if k == 0:
                 note += f"{row.image.width} x {row.image.height} px, {gh} x {gw} feature cells"
             elif k == 1:
-                _colour_bar(draw, (ix + 6, fy, ix + size[0] - 6, fy + 14), vmin, vmax, font)
+                colour_bar(draw, (ix + 6, fy, ix + size[0] - 6, fy + 14), vmin, vmax, font)
                 fy += 34
-            for i, line in enumerate(_wrap(draw, note, font, size[0])):
+            for i, line in enumerate(wrap_text(draw, note, font, size[0])):
                 draw.text((ix, fy + 15 * i), line, fill=(0, 0, 0), font=font)
         oy += title_h + size[1] + FOOTER
     return fig, boxes
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> Path:
         raise CoweightFigureError(f"{PROG}: --imsize must be >= {MIN_SIDE}; got {args.imsize}.")
     paths = [Path(p) for p in args.image] if args.image else [default_image()]
     images = [_read(p) for p in paths]
-    net = _backbone(args.backbone)
+    net = load_backbone(args.backbone)
     rows = []
     for path, img in zip(paths, images, strict=True):
         x = resized(img, args.imsize)

@@ -58,12 +58,17 @@ __all__ = [
     "RegionStats",
     "cells_from_pixels",
     "colormap",
+    "colour_bar",
     "default_image",
+    "heat_overlay",
     "hew_weight_map",
+    "load_backbone",
+    "load_font",
     "main",
     "most_repetitive_region",
     "region_stats",
     "render",
+    "wrap_text",
 ]
 
 BACKBONES = ("vgg16", "mobilenet_v2")
@@ -321,16 +326,18 @@ def colormap(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return rgb
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's default font at ``size`` px (the fixed bitmap font on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         return ImageFont.load_default()
 
 
-def _wrap(
+def wrap_text(
     draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
 ) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` px (paragraphs at newlines kept)."""
     lines: list[str] = []
     for para in text.split("\n"):
         line = ""
@@ -345,7 +352,7 @@ def _wrap(
     return lines
 
 
-def _heat(gray: Image.Image, values: np.ndarray, vmin: float, vmax: float, size: tuple[int, int]) -> Image.Image:
+def heat_overlay(gray: Image.Image, values: np.ndarray, vmin: float, vmax: float, size: tuple[int, int]) -> Image.Image:
     """``values`` (h, w) as a colour map blended over the grey image, bilinear between cell centres."""
     v = np.asarray(values, dtype=np.float64)
     valid = np.isfinite(v)
@@ -359,7 +366,7 @@ def _heat(gray: Image.Image, values: np.ndarray, vmin: float, vmax: float, size:
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
-def _colour_bar(
+def colour_bar(
     draw: ImageDraw.ImageDraw,
     box: tuple[int, int, int, int],
     vmin: float,
@@ -367,6 +374,7 @@ def _colour_bar(
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
     marks: Sequence[float] = (),
 ) -> None:
+    """A horizontal colour bar from ``vmin`` to ``vmax`` in ``box``, labelled at both ends and at ``marks``."""
     x0, y0, x1, y1 = box
     ramp = colormap(np.linspace(vmin, vmax, max(x1 - x0, 2)), vmin, vmax)
     for i, (r, g, b) in enumerate(ramp[: x1 - x0]):
@@ -484,13 +492,13 @@ def render(
     gray = shown.convert("L")
     spoc = np.where(valid, 1.0, np.nan)
 
-    title_font, font = _font(15), _font(12)
+    title_font, font = load_font(15), load_font(12)
     pw = size[0] + 2 * MARGIN
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     hew_title = labels.hew
     spoc_title = f"SPoC weights: uniform 1/n (n = {int(valid.sum())} cells), = 1 on the mean-1 scale"
     titles = [labels.image, spoc_title, hew_title, labels.region]
-    wrapped = [_wrap(probe, t, title_font, pw - 2 * MARGIN) for t in titles]
+    wrapped = [wrap_text(probe, t, title_font, pw - 2 * MARGIN) for t in titles]
     title_h = 8 + 19 * max(len(lines) for lines in wrapped)
     ph = title_h + size[1] + FOOTER
     fig = Image.new("RGB", (2 * pw, 2 * ph), (255, 255, 255))
@@ -500,9 +508,9 @@ def render(
     x0, y0, x1, y1 = region
     panels = [
         shown,
-        _heat(gray, spoc, vmin, vmax, size),
-        _heat(gray, w, vmin, vmax, size),
-        _heat(gray, w, vmin, vmax, size),
+        heat_overlay(gray, spoc, vmin, vmax, size),
+        heat_overlay(gray, w, vmin, vmax, size),
+        heat_overlay(gray, w, vmin, vmax, size),
     ]
     for k, (panel, lines) in enumerate(zip(panels, wrapped, strict=True)):
         ox, oy = (k % 2) * pw, (k // 2) * ph
@@ -516,10 +524,10 @@ def render(
             text = f"{rgb.width} x {rgb.height} px, {gh} x {gw} feature cells"
             if labels.caption:
                 text = f"{labels.caption}\n{text}"
-            for i, line in enumerate(_wrap(draw, text, font, size[0])):
+            for i, line in enumerate(wrap_text(draw, text, font, size[0])):
                 draw.text((ix, fy + 16 * i), line, fill=(0, 0, 0), font=font)
         elif k in (1, 2):
-            _colour_bar(draw, bar, vmin, vmax, font, marks=(1.0,))
+            colour_bar(draw, bar, vmin, vmax, font, marks=(1.0,))
             note = (
                 "every valid cell has weight 1: one flat colour"
                 if k == 1
@@ -611,7 +619,8 @@ def parse_region(text: str, image_wh: tuple[int, int]) -> tuple[float, float, fl
     return x0, y0, x1, y1
 
 
-def _backbone(name: str) -> torch.nn.Module:
+def load_backbone(name: str) -> torch.nn.Module:
+    """The ImageNet backbone ``name`` in eval mode; a missing weight package is a :class:`HewFigureError`."""
     try:
         net = vgg16() if name == "vgg16" else mobilenet_v2()
     except WeightsNotFoundError as err:
@@ -656,7 +665,7 @@ def run(args: argparse.Namespace) -> Path:
     pil = Image.fromarray(img.permute(1, 2, 0).numpy(), mode="RGB")
     box = parse_region(args.region, pil.size) if args.region is not None else None
 
-    net = _backbone(args.backbone)
+    net = load_backbone(args.backbone)
     out_hw, _ = target_size(full_hw, full_hw, imsize=args.imsize, scale=1.0)  # the eval app's sizing rule
     x = TF.resize(img.float() / 255.0, list(out_hw), antialias=True).clamp(0.0, 1.0)
     with torch.inference_mode():

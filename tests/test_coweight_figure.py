@@ -116,7 +116,7 @@ def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_cli_writes_the_figure_and_prints_the_centres(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cf, "_backbone", _tiny_backbone)
+    monkeypatch.setattr(cf, "load_backbone", _tiny_backbone)
     image = _photo(tmp_path / "in.png")
     out = tmp_path / "fig" / "coweight.png"
     argv = ["--image", str(image), str(image), "--imsize", "256", "--alphas", "0.05,1", "--out", str(out)]

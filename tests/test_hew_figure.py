@@ -57,7 +57,7 @@ def test_render_bursty_region_is_lower(tmp_path: Path) -> None:
 def test_render_hew_panel_is_cooler_in_the_region() -> None:
     w, _ = _bursty_weights()
     gray = _photo().convert("L").resize((160, 120))
-    heat = np.asarray(hf._heat(gray, w / w.mean(), 0.1, 2.0, (160, 120)), dtype=float)
+    heat = np.asarray(hf.heat_overlay(gray, w / w.mean(), 0.1, 2.0, (160, 120)), dtype=float)
     # region = cells x 0:3, y 3:6 of an 8 x 6 grid -> pixels x 0:60, y 60:120; sample its centre vs the top right
     inside, outside = heat[85:95, 25:35].mean(axis=(0, 1)), heat[10:30, 120:150].mean(axis=(0, 1))
     assert inside[2] - inside[0] > outside[2] - outside[0]  # bluer inside (low weights), warmer outside
@@ -203,7 +203,7 @@ def test_cli_bad_arguments_exit_2(
 def test_cli_mobilenet_on_a_small_jpeg(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hf, "_backbone", functools.cache(hf._backbone))  # build MobileNetV2 once for both runs
+    monkeypatch.setattr(hf, "load_backbone", functools.cache(hf.load_backbone))  # build MobileNetV2 once for both runs
     image = tmp_path / "in.jpg"
     _photo(200, 150).save(image, quality=90)
     out = tmp_path / "fig" / "hew.png"
