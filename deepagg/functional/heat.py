@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
+from deepagg.functional._blocking import blocked, fill_padding
 from deepagg.functional.pooling import _check_maps
 from deepagg.functional.qe import _compute_dtype
 
@@ -150,7 +151,7 @@ def _hewr_weights(
     return torch.where(connected, w, torch.where(valid, fill.expand_as(w), torch.zeros_like(w)))
 
 
-def _hew_weights(
+def _hew_checks(
     x: torch.Tensor,
     *,
     lam: float,
@@ -160,8 +161,8 @@ def _hew_weights(
     affinity_threshold: float | None,
     method: str,
     fn: str,
-) -> torch.Tensor:
-    """:func:`hew_weights`, with errors naming ``fn`` (the function the user called)."""
+) -> tuple[float, float]:
+    """The argument checks of :func:`hew_weights`, with errors naming ``fn``; returns ``lam`` and the threshold."""
     _check_maps(x, mask, fn)
     lam = _check_positive(lam, "lam", fn)
     _check_variant(variant, fn)
@@ -180,18 +181,92 @@ def _hew_weights(
         check_shape(center, "C", name="center", fn=fn, sizes={"C": x.shape[1]}, hint="The mean local feature.")
         check_floating(center, name="center", fn=fn)
         check_same_device({"x": x, "center": center}, fn=fn)
+    return lam, HEWR_THRESHOLD if affinity_threshold is None else float(affinity_threshold)
+
+
+def _weights_block(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    lam: float,
+    variant: str,
+    center: torch.Tensor | None,
+    threshold: float,
+    method: str,
+    fast: bool = False,
+    buf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The HeW weights :math:`(B, H, W)` of checked arguments, in the dtype of ``x``."""
     b, _, h, w = x.shape
     dtype = _compute_dtype(x) if center is None else _compute_dtype(x, center)
-    f = x.to(dtype).flatten(2)  # (B, C, n): reductions over C stay in the maps' contiguous layout
-    valid = torch.ones(b, h * w, dtype=torch.bool, device=x.device) if mask is None else mask.flatten(1)
+    xf = x.to(dtype)
     if mask is not None:  # garbage (inf, nan) in padding must not leak: zero it before any product
-        f = torch.where(valid[:, None], f, torch.zeros((), dtype=dtype, device=x.device))
+        xf = fill_padding(xf, mask, 0.0, fast=fast)
+    f = xf.flatten(2)  # (B, C, n): reductions over C stay in the maps' contiguous layout
+    valid = torch.ones(b, h * w, dtype=torch.bool, device=x.device) if mask is None else mask.flatten(1)
     if variant == "paper":
         weights = _paper_weights(f, valid, lam, method)
     else:
-        thr = HEWR_THRESHOLD if affinity_threshold is None else float(affinity_threshold)
-        weights = _hewr_weights(f, valid, lam, center, thr)
+        weights = _hewr_weights(f, valid, lam, center, threshold)
     return weights.reshape(b, h, w).to(x.dtype)
+
+
+def _hew_weights(
+    x: torch.Tensor,
+    *,
+    lam: float,
+    mask: torch.Tensor | None,
+    variant: str,
+    center: torch.Tensor | None,
+    affinity_threshold: float | None,
+    method: str,
+    fn: str,
+) -> torch.Tensor:
+    """:func:`hew_weights`, with errors naming ``fn`` (the function the user called)."""
+    lam, threshold = _hew_checks(
+        x,
+        lam=lam,
+        mask=mask,
+        variant=variant,
+        center=center,
+        affinity_threshold=affinity_threshold,
+        method=method,
+        fn=fn,
+    )
+    # Over blocks of images on CPU: measured 10-15% faster than the whole batch at 32 x 512 x 24 x 32 (its
+    # map-sized products and buffers stay in cache), the same at 8 x 512 x 48 x 64 (one image is already 6 MB).
+    return blocked(
+        _weights_block,
+        x,
+        mask,
+        itemsize=torch.finfo(_compute_dtype(x)).bits // 8,
+        fast_args=True,
+        lam=lam,
+        variant=variant,
+        center=center,
+        threshold=threshold,
+        method=method,
+    )
+
+
+def _hew_block(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    fast: bool,
+    buf: torch.Tensor | None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """HeW's weighted sums :math:`(B, C)` in the compute dtype, before the clamp and the power."""
+    weights = _weights_block(x, mask, fast=fast, **kwargs)  # type: ignore[arg-type]
+    dtype = _compute_dtype(x)
+    xf = x.to(dtype)
+    if mask is not None:
+        xf = fill_padding(xf, mask, 0.0, fast=fast)
+    weights = weights.to(dtype)
+    if fast and x.shape[0] > 0:  # CPU: one matrix-vector product per image, no map-sized temporary
+        return torch.stack([torch.mv(xi.flatten(1), wi.flatten()) for xi, wi in zip(xf, weights, strict=True)])
+    return (xf * weights[:, None]).sum((-2, -1))
 
 
 def hew_weights(
@@ -311,7 +386,7 @@ def hew(
     """
     fn = "hew"
     alpha, eps = _check_positive(alpha, "alpha", fn), _check_positive(eps, "eps", fn)
-    weights = _hew_weights(
+    lam, threshold = _hew_checks(
         x,
         lam=lam,
         mask=mask,
@@ -321,11 +396,21 @@ def hew(
         method=method,
         fn=fn,
     )
-    dtype = _compute_dtype(x)
-    xf = x.to(dtype)
-    if mask is not None:
-        xf = torch.where(mask[:, None], xf, torch.zeros((), dtype=dtype, device=x.device))
-    pooled = (xf * weights.to(dtype)[:, None]).sum((-2, -1))
+    # On CPU over blocks of images, a padded batch image by image on its valid rectangle (crop=True: the
+    # weights of the padding are 0 anyway, and the n x n / C x n systems shrink to the valid positions).
+    pooled = blocked(
+        _hew_block,
+        x,
+        mask,
+        itemsize=torch.finfo(_compute_dtype(x)).bits // 8,
+        crop=True,
+        fast_args=True,
+        lam=lam,
+        variant=variant,
+        center=center,
+        threshold=threshold,
+        method=method,
+    )
     return pooled.clamp(min=eps).pow(alpha).to(x.dtype)
 
 
