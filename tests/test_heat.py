@@ -16,6 +16,8 @@ import torch
 import deepagg
 from deepagg import functional as F
 from deepagg._checks import DTypeError, ShapeError
+from deepagg.functional import _blocking
+from deepagg.functional._blocking import batch_blocks
 from deepagg.functional.heat import heat_rerank, hew, hew_weights
 
 from ._base import BaseTester
@@ -893,6 +895,40 @@ class TestHeW(BaseTester):
             deepagg.HeWPool(variant="hewr")(x)
         with pytest.raises(ShapeError, match=r"x must have shape \(B, C, H, W\)"):
             deepagg.HeWPool()(x[0])
+
+    @pytest.mark.parametrize("variant", ["paper", "hewr"])
+    def test_cpu_blocks_equal_single_images(self, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Issue 8: on CPU hew and hew_weights run over blocks of images (two per block here).
+        x = relu_maps(5, 6, 4, 7, seed=40)
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+        assert batch_blocks(x) == 2
+        kw = {"variant": variant, **_kw(variant, torch.full((6,), 0.3, dtype=torch.float64))}
+        lam = 0.1 if variant == "hewr" else 1.0
+        self.assert_close(hew(x, lam=lam, **kw), torch.cat([hew(img[None], lam=lam, **kw) for img in x]))
+        weights = hew_weights(x, lam=lam, **kw)
+        self.assert_close(weights, torch.cat([hew_weights(img[None], lam=lam, **kw) for img in x]))
+
+    @pytest.mark.parametrize("rectangle", [True, False], ids=["padded", "irregular-mask"])
+    def test_cpu_padded_blocks(self, rectangle: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        # No autograd: padded images cropped to their rectangles, or the padding filled by a clamp (NaN garbage
+        # sends a block through torch.where); both equal the batched autograd form.
+        sizes = [(4, 7), (3, 7), (4, 5), (2, 2), (4, 6)]
+        x = relu_maps(5, 6, 4, 7, seed=41)
+        mask = torch.zeros(5, 4, 7, dtype=torch.bool)
+        for i, (h, w) in enumerate(sizes):
+            mask[i, :h, :w] = True
+        if not rectangle:
+            mask[0, 1, 2] = False
+        x[~mask[:, None].expand_as(x)] = float("nan")
+        x[1, :, ~mask[1]] = float("inf")
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+        fast = hew(x, lam=1.0, mask=mask)
+        exact = hew(x.clone().requires_grad_(), lam=1.0, mask=mask).detach()
+        assert torch.isfinite(fast).all()
+        self.assert_close(fast, exact, rtol=1e-8, atol=1e-12)
+        weights = hew_weights(x, lam=1.0, mask=mask)
+        assert torch.isfinite(weights).all()
+        self.assert_close(weights, hew_weights(x.clone().requires_grad_(), lam=1.0, mask=mask).detach())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 import deepagg
 from deepagg import functional as F
 from deepagg._checks import DTypeError, ShapeError
+from deepagg.functional import _blocking, pooling
+from deepagg.functional._blocking import batch_blocks
 from deepagg.functional.pooling import rmac_grid
 
 from ._base import BaseTester
@@ -648,3 +650,97 @@ class TestSPoC(BaseTester):
         torch.testing.assert_close(F.spoc(x), expected, rtol=0.0, atol=0.0)
         torch.testing.assert_close(F.spoc(x, mask=mask), expected, rtol=0.0, atol=0.0)
         torch.testing.assert_close(deepagg.SPoC()(x, mask), torch.full((2, 64), 0.125, dtype=torch.float16))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU speed forms (issue 8): blocks of images, a workspace, fast padding fill, crops, GeM's unscaled sums
+# --------------------------------------------------------------------------------------------------------------
+
+BIT_IDENTICAL = {"mac", "spoc", "rmac"}  # the others sum blocks of 1 and 2 images in a different order
+
+
+def _two_per_block(monkeypatch: pytest.MonkeyPatch, x: torch.Tensor) -> None:
+    monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+    assert batch_blocks(x) == 2
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+class TestBlockedCPU(BaseTester):
+    @pytest.mark.parametrize("dt", [torch.float32, torch.float64], ids=str)
+    def test_blocks_equal_single_images(self, spec: PoolSpec, dt: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+        x = _relu_maps(5, 6, 7, 9, seed=60, dtype=dt)
+        _two_per_block(monkeypatch, x)
+        batched = spec.fn(x)  # three blocks: 2, 2, 1 images
+        single = torch.cat([spec.fn(img[None]) for img in x])
+        if spec.name in BIT_IDENTICAL:
+            torch.testing.assert_close(batched, single, rtol=0.0, atol=0.0)
+        else:
+            self.assert_close(batched, single)
+        self.assert_close(batched, _batched_ref(spec, x))
+
+    @pytest.mark.parametrize("garbage", [50.0, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
+    def test_padded_blocks_equal_single_images(
+        self, spec: PoolSpec, garbage: float, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # No autograd: the CPU forms (padded images cropped, or the padding filled by a clamp; a NaN left there
+        # sends its block through torch.where).
+        sizes = [(7, 9), (5, 9), (7, 4), (3, 3), (6, 8)]
+        imgs = [_relu_maps(1, 6, h, w, seed=70 + i) for i, (h, w) in enumerate(sizes)]
+        batch = torch.full((len(sizes), 6, 7, 9), garbage, dtype=torch.float64)
+        mask = torch.zeros(len(sizes), 7, 9, dtype=torch.bool)
+        for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
+            batch[i, :, :h, :w] = img[0]
+            mask[i, :h, :w] = True
+        _two_per_block(monkeypatch, batch)
+        padded = spec.fn(batch, mask=mask)
+        single = torch.cat([spec.fn(img) for img in imgs])
+        assert torch.isfinite(padded).all()
+        self.assert_close(padded, single)
+
+    def test_irregular_mask_equals_batched_form(self, spec: PoolSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+        if spec.name == "rmac":
+            pytest.skip("R-MAC takes top-left rectangles only")
+        x = _relu_maps(5, 6, 7, 9, seed=80)
+        mask = torch.rand(5, 7, 9, generator=torch.Generator().manual_seed(81)) > 0.3
+        mask[:, 0, 0] = True
+        x[~mask[:, None].expand_as(x)] = float("nan")
+        x[0, :, ~mask[0]] = float("inf")
+        _two_per_block(monkeypatch, x)
+        fast = spec.fn(x, mask=mask)
+        exact = spec.fn(x.clone().requires_grad_(), mask=mask).detach()  # autograd: torch.where, no CPU forms
+        assert torch.isfinite(fast).all()
+        self.assert_close(fast, exact)
+
+
+class TestGeMCPUForms(BaseTester):
+    @pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, 2.5, 7.6])
+    @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+    def test_no_grad_matches_autograd_form(self, p: float, masked: bool) -> None:
+        # Without autograd p in {0.5, 1, 2, 3} takes unscaled power sums; with it the scaled form runs.
+        x = _conv5_3_like(seed=90).float()
+        mask = torch.ones(2, 5, 7, dtype=torch.bool)
+        mask[1, 3:, 4:] = False
+        m = mask if masked else None
+        with torch.no_grad():
+            fast = F.gem(x, p, mask=m)
+        graph = F.gem(x.clone().requires_grad_(), p, mask=m).detach()
+        torch.testing.assert_close(fast, graph, rtol=2e-6, atol=0.0)
+
+    def test_unscaled_sums_fall_back_when_not_finite(self) -> None:
+        x = _relu_maps(2, 4, 5, 6, seed=91)
+        x[0, 1] *= 1e13  # float32 cubes of 1e13 overflow: the scaled form must take over
+        x32 = x.float()
+        out = F.gem(x32)
+        assert torch.isfinite(out).all()
+        expected = torch.stack([ref_gem(img) for img in x32.double()])
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=0.0)
+
+    def test_power_by_exp2_log2_is_accurate(self) -> None:
+        # The CPU power 2 ** (p log2 y) against float64 pow: within a few float32 ulps where the terms matter.
+        y = torch.rand(100000, generator=torch.Generator().manual_seed(92)) * 0.99 + 0.01
+        for p in (1.5, 7.6, 16.0):
+            fast = pooling._power(y.clone(), p, None, inplace=True)
+            exact = y.double().pow(p)
+            big = exact > 1e-3
+            rel = ((fast.double() - exact).abs() / exact)[big]
+            assert float(rel.max()) < 2e-6

@@ -29,7 +29,16 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-__all__ = ["BLOCK_BYTES", "CROP_IMAGES", "batch_blocks", "blocked", "fast_path", "fill_padding", "rectangles"]
+__all__ = [
+    "BLOCK_BYTES",
+    "CROP_IMAGES",
+    "batch_blocks",
+    "blocked",
+    "fast_path",
+    "fill_padding",
+    "rectangles",
+    "valid_counts",
+]
 
 #: Target size in bytes of one block of feature map (compute dtype): a few images' worth, well inside L3 and
 #: far below glibc's mmap threshold. 4 MiB measured best on the 2-core CI machine (2 maps of 512 x 24 x 32).
@@ -106,6 +115,13 @@ def fill_padding(
         return out.masked_fill_(~mask[:, None], value)
     y = x if floor is None else x.clamp(min=floor)
     return torch.where(mask[:, None], y, torch.full((), value, dtype=y.dtype, device=x.device))
+
+
+def valid_counts(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The number of valid positions of each image of ``mask`` (B, H, W), as ``dtype`` (NumPy on eager CPU)."""
+    if fast_path(mask):
+        return torch.from_numpy(mask.numpy().reshape(mask.shape[0], math.prod(mask.shape[1:])).sum(axis=1)).to(dtype)
+    return mask.sum(dim=(-2, -1)).to(dtype)
 
 
 def _has_nan(out: torch.Tensor | tuple[torch.Tensor, ...]) -> bool:

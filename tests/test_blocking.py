@@ -1,0 +1,193 @@
+"""Tests of deepagg.functional._blocking: block lengths, the blocked loop, its workspace, padding and crops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepagg.functional import _blocking
+from deepagg.functional._blocking import batch_blocks, blocked, fast_path, fill_padding, rectangles, valid_counts
+
+from ._base import BaseTester
+
+
+def _padded_mask(sizes: list[tuple[int, int]], h: int, w: int) -> torch.Tensor:
+    mask = torch.zeros(len(sizes), h, w, dtype=torch.bool)
+    for i, (hh, ww) in enumerate(sizes):
+        mask[i, :hh, :ww] = True
+    return mask
+
+
+class TestBatchBlocks(BaseTester):
+    def test_one_block_for_small_batches(self) -> None:
+        assert batch_blocks(torch.empty(0, 512, 24, 32)) == 1
+        assert batch_blocks(torch.empty(1, 512, 24, 32)) == 1
+
+    def test_cpu_blocks_of_about_block_bytes(self) -> None:
+        # 512 x 24 x 32 float32 is 1.5 MiB: two images per 4 MiB block; a 6 MiB map gets a block of its own.
+        assert _blocking.BLOCK_BYTES == 4 * 2**20
+        assert batch_blocks(torch.empty(32, 512, 24, 32)) == 2
+        assert batch_blocks(torch.empty(8, 512, 48, 64)) == 1
+        assert batch_blocks(torch.empty(32, 512, 24, 32, dtype=torch.float16)) == 5
+        assert batch_blocks(torch.empty(32, 512, 24, 32, dtype=torch.float16), itemsize=4) == 2
+        assert batch_blocks(torch.empty(64, 8, 4, 4)) == 64
+
+    def test_one_block_off_cpu(self) -> None:
+        assert batch_blocks(torch.empty(32, 512, 24, 32, device="meta")) == 32
+
+    def test_one_block_under_compile(self) -> None:
+        x = torch.rand(32, 512, 4, 4)
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return t[:, 0, 0, 0] * batch_blocks(t, itemsize=2**20)  # 8 MiB per image: 1 per block eagerly
+
+        assert batch_blocks(x, itemsize=2**20) == 1
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        self.assert_close(compiled(x), x[:, 0, 0, 0] * 32)
+
+
+class TestBlocked(BaseTester):
+    def test_blocks_concatenated(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * 3 * 4 * 5 * 4)  # two images per block
+        x = torch.rand(5, 3, 4, 5)
+        seen: list[int] = []
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None, *, scale: float) -> torch.Tensor:
+            assert mb is None
+            seen.append(xb.shape[0])
+            return xb.sum(dim=(1, 2, 3)) * scale
+
+        out = blocked(fn, x, scale=2.0)
+        assert seen == [2, 2, 1]
+        self.assert_close(out, x.sum(dim=(1, 2, 3)) * 2.0)
+
+    def test_tuple_outputs_and_masks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * 3 * 4 * 5 * 4)
+        x = torch.rand(5, 3, 4, 5)
+        mask = torch.rand(5, 4, 5) > 0.3
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            assert mb is not None
+            assert mb.shape[0] == xb.shape[0]
+            return xb.amax(dim=(2, 3)), mb.sum(dim=(1, 2))
+
+        a, b = blocked(fn, x, mask)
+        self.assert_close(a, x.amax(dim=(2, 3)))
+        assert torch.equal(b, mask.sum(dim=(1, 2)))
+
+    def test_workspace_shared_by_all_blocks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * 3 * 4 * 5 * 4)
+        x = torch.rand(5, 3, 4, 5)
+        pointers: list[int] = []
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None, *, fast: bool, buf: torch.Tensor | None) -> torch.Tensor:
+            assert fast
+            assert buf is not None
+            assert buf.shape == xb.shape
+            assert buf.dtype == torch.float64
+            pointers.append(buf.data_ptr())
+            return buf.copy_(xb).clamp_(min=0.5).sum(dim=(1, 2, 3))
+
+        out = blocked(fn, x, workspace=torch.float64, fast_args=True)
+        assert len(set(pointers)) == 1
+        assert len(pointers) == 3
+        self.assert_close(out, x.double().clamp(min=0.5).sum(dim=(1, 2, 3)))
+
+    def test_no_workspace_and_exact_form_under_autograd(self) -> None:
+        x = torch.rand(3, 2, 4, 5, requires_grad=True)
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None, *, fast: bool, buf: torch.Tensor | None) -> torch.Tensor:
+            assert not fast
+            assert buf is None
+            return xb.sum(dim=(1, 2, 3))
+
+        blocked(fn, x, workspace=torch.float32, fast_args=True).sum().backward()
+        assert x.grad is not None
+        assert not fast_path(x)
+
+    def test_nan_block_redone_exactly(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * 3 * 4 * 5 * 8)
+        x = torch.rand(4, 3, 4, 5, dtype=torch.float64)
+        mask = torch.rand(4, 4, 5) > 0.4
+        mask[:, 0, 0] = True
+        x[~mask[:, None].expand_as(x)] = float("nan")  # NaN garbage: the fast fill leaves it, the redo removes it
+        calls: list[bool] = []
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None, *, fast: bool, buf: torch.Tensor | None) -> torch.Tensor:
+            calls.append(fast)
+            assert mb is not None
+            return fill_padding(xb, mb, 0.0, fast=fast, out=buf).sum(dim=(1, 2, 3))
+
+        out = blocked(fn, x, mask, workspace=torch.float64, fast_args=True)
+        assert calls == [True, False, True, False]
+        expected = torch.where(mask[:, None], x, 0.0).sum(dim=(1, 2, 3))
+        torch.testing.assert_close(out, expected, rtol=0.0, atol=0.0)
+
+    @pytest.mark.parametrize("rectangle", [True, False], ids=["rectangles", "other-mask"])
+    def test_crop(self, rectangle: bool) -> None:
+        sizes = [(4, 5), (2, 3), (3, 5)]
+        mask = _padded_mask(sizes, 4, 5)
+        if not rectangle:
+            mask[1, 3, 4] = True
+        x = torch.rand(3, 2, 4, 5)
+        seen: list[tuple[tuple[int, ...], bool]] = []
+
+        def fn(xb: torch.Tensor, mb: torch.Tensor | None, *, fast: bool, buf: torch.Tensor | None) -> torch.Tensor:
+            seen.append((tuple(xb.shape), mb is None))
+            if mb is not None:
+                xb = fill_padding(xb, mb, 0.0, fast=fast)
+            return xb.sum(dim=(1, 2, 3))
+
+        out = blocked(fn, x, mask, crop=True, fast_args=True)
+        if rectangle:
+            assert seen == [((1, 2, h, w), True) for h, w in sizes]
+        else:
+            assert seen == [((3, 2, 4, 5), False)]
+        self.assert_close(out, torch.where(mask[:, None], x, 0.0).sum(dim=(1, 2, 3)))
+
+
+class TestFillPadding(BaseTester):
+    @pytest.mark.parametrize("floor", [None, 0.25])
+    @pytest.mark.parametrize("dt", [torch.float16, torch.float32, torch.float64], ids=str)
+    def test_fast_equals_exact(self, floor: float | None, dt: torch.dtype) -> None:
+        x = (torch.rand(3, 4, 5, 6) - 0.3).to(dt)
+        mask = torch.rand(3, 5, 6) > 0.4
+        x[0, :, ~mask[0]] = float("inf")
+        x[1, :, ~mask[1]] = -float("inf")
+        x[2, :, ~mask[2]] = 6e4 if dt == torch.float16 else 1e30
+        x[2, 1, mask[2]] = float("nan")  # a NaN at a valid position stays
+        for value in (0.0, float("-inf")):
+            exact = fill_padding(x, mask, value, floor=floor)
+            fast = fill_padding(x, mask, value, floor=floor, fast=True)
+            assert fast.dtype == exact.dtype == dt
+            torch.testing.assert_close(fast, exact, rtol=0.0, atol=0.0, equal_nan=True)
+            into = torch.empty_like(x)
+            assert fill_padding(x, mask, value, floor=floor, fast=True, out=into) is into
+            torch.testing.assert_close(into, exact, rtol=0.0, atol=0.0, equal_nan=True)
+            copy = x.clone()
+            fill_padding(copy, mask, value, floor=floor, out=copy)
+            torch.testing.assert_close(copy, exact, rtol=0.0, atol=0.0, equal_nan=True)
+
+    def test_fast_keeps_nan_garbage(self) -> None:
+        x = torch.full((1, 2, 2, 2), float("nan"))
+        mask = torch.tensor([[[True, False], [False, False]]])
+        assert torch.isnan(fill_padding(x, mask, 0.0, fast=True)[0, :, 1]).all()  # documented: blocked redoes
+        assert (fill_padding(x, mask, 0.0)[0, :, 1] == 0).all()
+
+
+class TestMasks:
+    def test_rectangles(self) -> None:
+        sizes = [(4, 5), (1, 1), (3, 2)]
+        assert rectangles(_padded_mask(sizes, 4, 5)) == sizes
+        for i, j in [(0, 1), (3, 4)]:  # a hole, and a valid cell outside the rectangle
+            mask = _padded_mask(sizes, 4, 5)
+            mask[2, i, j] = not mask[2, i, j]
+            assert rectangles(mask) is None
+        assert rectangles(torch.zeros(0, 4, 5, dtype=torch.bool)) == []
+
+    def test_valid_counts(self) -> None:
+        mask = torch.rand(4, 5, 6) > 0.5
+        expected = mask.sum(dim=(1, 2)).double()
+        torch.testing.assert_close(valid_counts(mask, torch.float64), expected)
+        torch.testing.assert_close(valid_counts(mask.to("meta"), torch.float64).shape, expected.shape)
+        assert valid_counts(torch.zeros(0, 5, 6, dtype=torch.bool), torch.float32).shape == (0,)
