@@ -5,7 +5,9 @@ weighted map). At B = 32 and a 512 x 24 x 32 float32 map each one is 50 MB, abov
 threshold (32 MB), so every temporary is a fresh ``mmap`` whose pages are faulted in on first touch, and it does
 not fit in the last-level cache either: the map is streamed from memory once per temporary. Cut into blocks of
 about ``BLOCK_BYTES`` of map, the same ops run in cache, and only the first op of a block reads the map from
-memory.
+memory. Measured at 32 x 512 x 24 x 32 on 2 AMD EPYC cores (AVX2) with the ops as they were before blocking:
+batched GeM about 40 ms, the same ops over blocks of two images about 10 ms; CroW 115-130 ms and 35-45 ms (with
+the current ops, ``benchmarks/bench_pooling.py``: about 5 and 15 ms).
 
 Blocks alone are not enough: glibc hands the freed top of its heap back to the OS once it exceeds twice the
 largest chunk it has mmapped so far (a threshold that depends on the process's history), and a block that
@@ -17,7 +19,7 @@ in-place ops): at most one large allocation per call, whatever the allocator's s
 On CPU the part of a pooling op that makes map-sized temporaries runs over blocks of images, chosen from static
 shapes only; on every other device, and while ``torch.compile`` traces (the compiler fuses the temporaries away
 itself), the op runs on the whole batch at once: one batched code path on the GPU. Every blocked function treats
-images independently, so the result does not depend on the blocking.
+images independently, so the result does not depend on the blocking (up to the order of float sums).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ __all__ = [
 ]
 
 #: Target size in bytes of one block of feature map (compute dtype): a few images' worth, well inside L3 and
-#: far below glibc's mmap threshold. 4 MiB measured best on the 2-core CI machine (2 maps of 512 x 24 x 32).
+#: far below glibc's mmap threshold. On 2 AMD EPYC cores 2 MiB measured slower, 4, 6 and 8 MiB alike within the
+#: run-to-run noise (GeM, CroW, R-MAC, padded MAC at 32 x 512 x 24 x 32 and 8 x 512 x 48 x 64).
 BLOCK_BYTES = 4 * 2**20
 
 #: Padded batches whose blocks hold at most this many images are pooled image by image, each cropped to its
@@ -195,7 +198,12 @@ def blocked(
     if crop and fast and mask is not None and x.shape[0] > 0 and step <= CROP_IMAGES:
         sizes = rectangles(mask)
     if sizes is not None:
-        parts = [run(x[i : i + 1, :, :h, :w], None) for i, (h, w) in enumerate(sizes)]
+        # One as_strided per image (three slices cost three dispatches): image i's top-left h x w rectangle.
+        stride, offset = x.stride(), x.storage_offset()
+        parts = [
+            run(x.as_strided((1, x.shape[1], h, w), stride, offset + i * stride[0]), None)
+            for i, (h, w) in enumerate(sizes)
+        ]
     elif step >= x.shape[0]:
         return run(x, mask)
     else:
