@@ -400,12 +400,16 @@ def rmac_grid(height: int, width: int, levels: int = 3, overlap: float = 0.4) ->
     return boxes
 
 
-def _rmac_regions_static(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Region maxima :math:`(B, R, C)` of the grid of ``x.shape``, blocked over the batch on CPU."""
-    return blocked(_region_maxima, x, None, levels=levels)
+def _rmac_regions_static(x: torch.Tensor, levels: int, width: int | None = None) -> torch.Tensor:
+    """Region maxima :math:`(B, R, C)` of the grid of ``x.shape``, blocked over the batch on CPU.
+
+    With ``width`` < W the grid is that of an ``H x width`` map, the first ``width`` columns of ``x``: the columns
+    beyond are read by the row bands but never by a region (whole rows keep the bands' reads contiguous).
+    """
+    return blocked(_region_maxima, x, None, levels=levels, width=x.shape[-1] if width is None else width)
 
 
-def _region_maxima(x: torch.Tensor, mask: torch.Tensor | None, *, levels: int) -> torch.Tensor:
+def _region_maxima(x: torch.Tensor, mask: torch.Tensor | None, *, levels: int, width: int) -> torch.Tensor:
     """Region maxima :math:`(B, R, C)`, separably.
 
     Each band of rows is reduced over H once (``amax`` over dim -2, vectorised along W), then each box over its
@@ -414,7 +418,7 @@ def _region_maxima(x: torch.Tensor, mask: torch.Tensor | None, *, levels: int) -
     """
     bands: dict[tuple[int, int], torch.Tensor] = {}
     regions = []
-    for y, xx, h, w in rmac_grid(x.shape[-2], x.shape[-1], levels):
+    for y, xx, h, w in rmac_grid(x.shape[-2], width, levels):
         if (y, h) not in bands:
             bands[(y, h)] = x[..., y : y + h, :].amax(dim=-2)  # (B, C, W)
         regions.append(bands[(y, h)][..., xx : xx + w].amax(dim=-1))
@@ -442,14 +446,19 @@ def _regions_and_mask(
                 f"{fn}(): mask must be a top-left rectangle per image (padding bottom/right); got another pattern."
             )
         uniq, inverse = torch.unique(sizes, dim=0, return_inverse=True)
+        fast = fast_path(x)
         groups = []
         for g, (h, w) in enumerate(uniq.tolist()):
             idx = torch.nonzero(inverse == g).flatten()
             first, count = int(idx[0]), idx.numel()
-            # A run of consecutive images (often the whole group) is a view: no copy of the maps.
+            # A run of consecutive images (often the whole group) is a view: no copy of the maps. Without
+            # autograd on CPU, whole rows: the bands then reduce contiguous rows (a strided h x w crop made R-MAC
+            # 2x slower), and the padding columns they also reduce are outside every region of the w-wide grid
+            # (with autograd, the max's backward would send NaN garbage there a NaN gradient).
             run = bool(idx[-1] - first == count - 1)
-            maps = x[first : first + count, :, :h, :w] if run else x[idx, :, :h, :w]
-            groups.append((idx, _rmac_regions_static(maps, levels)))
+            cols = x.shape[3] if fast else w
+            maps = x[first : first + count, :, :h, :cols] if run else x[idx, :, :h, :cols]
+            groups.append((idx, _rmac_regions_static(maps, levels, width=w)))
         n_regions = max((r.shape[1] for _, r in groups), default=len(rmac_grid(x.shape[2], x.shape[3], levels)))
         regions = x.new_zeros(x.shape[0], n_regions, x.shape[1])
         region_mask = torch.zeros(x.shape[0], n_regions, dtype=torch.bool, device=x.device)
