@@ -456,8 +456,8 @@ def _regions_and_mask(
             # 2x slower), and the padding columns they also reduce are outside every region of the w-wide grid
             # (with autograd, the max's backward would send NaN garbage there a NaN gradient).
             run = bool(idx[-1] - first == count - 1)
-            cols = x.shape[3] if fast else w
-            maps = x[first : first + count, :, :h, :cols] if run else x[idx, :, :h, :cols]
+            width = x.shape[3] if fast else w
+            maps = x[first : first + count, :, :h, :width] if run else x[idx, :, :h, :width]
             groups.append((idx, _rmac_regions_static(maps, levels, width=w)))
         n_regions = max((r.shape[1] for _, r in groups), default=len(rmac_grid(x.shape[2], x.shape[3], levels)))
         regions = x.new_zeros(x.shape[0], n_regions, x.shape[1])
