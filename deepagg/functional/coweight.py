@@ -120,7 +120,11 @@ def _coweight_block(
     eps: float,
     spatial: str,
     channel: str,
+    fast: bool = False,
+    buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Co-weighted vectors of a block of images (see :func:`agaussian_echannel`); ``fast``/``buf`` unused."""
+    del fast, buf  # padded CPU batches reach this cropped per image (blocked(crop=True)): no fill needed
     dtype = _compute_dtype(x)
     xf = x.to(dtype)
     if mask is not None:
@@ -155,8 +159,9 @@ def _coweight_block(
         weights = weights.expand(b, h, w)
     if mask is not None:
         weights = torch.where(mask, weights, torch.zeros((), dtype=dtype, device=x.device))
-    # Omega_k = sum_ij S X_k as one batched matrix-vector product: no map-sized temporary.
-    omega = torch.bmm(xf.flatten(2), weights.reshape(b, h * w, 1))[..., 0]  # (B, K)
+    # Omega_k = sum_ij S X_k. On the CPU a block is a few images that stay in cache, where this product-sum
+    # measured faster than a batched matrix-vector product (bmm: 10-11 ms, this: 5.5 ms at 32 x 512 x 24 x 32).
+    omega = (xf * weights[:, None]).sum(dim=(-2, -1))  # (B, K)
     if channel == "echannel":
         bk = (omega / size) ** 2
         cw = torch.log((k * eps + bk.sum(dim=1, keepdim=True)) / (eps + bk))
@@ -239,6 +244,8 @@ def agaussian_echannel(
         x,
         mask,
         itemsize=itemsize,
+        crop=True,
+        fast_args=True,
         alpha=alpha,
         eps=float(eps),
         spatial=spatial,
