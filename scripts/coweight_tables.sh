@@ -15,9 +15,10 @@ ev baselines pool=spoc,crow,gem,agaussian_echannel
 ev spatial_x_channel pool=agaussian_echannel pool.spatial=adaptive,centred,none pool.channel=echannel,sparsity,none
 # Table 1: alpha of the aGaussian centre, without channel weighting (as the paper) and with eChannel.
 ev alpha pool=agaussian_echannel pool.alpha=0.05,0.1,0.5,1.0 pool.channel=none,echannel
-# Without whitening: the raw descriptors.
+# Without whitening (the raw descriptors) and with PCA whitening (the paper's Algorithm 1) instead of Lw.
 ev no_whitening pool=spoc,crow,gem,agaussian_echannel whiten=none
-for d in baselines spatial_x_channel alpha no_whitening; do
+ev pca_whitening pool=spoc,crow,gem,agaussian_echannel whiten=pca
+for d in baselines spatial_x_channel alpha no_whitening pca_whitening; do
   echo "## $d"
   "$py" -m lightning_apps.summarize "$out/$d"
 done
