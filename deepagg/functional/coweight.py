@@ -43,18 +43,32 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check(x: torch.Tensor, mask: torch.Tensor | None, alpha: float, fn: str) -> float:
+def _check_options(alpha: float, eps: float, spatial: str, channel: str, fn: str) -> tuple[float, float]:
+    """The hyperparameter checks shared by :func:`agaussian_echannel` and the module; returns ``alpha, eps``."""
+    _check_alpha(alpha, fn)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"{fn}(): eps must be a finite float > 0; got {eps!r}.")
+    if spatial not in SPATIAL_OPTIONS:
+        raise ValueError(f"{fn}(): spatial must be one of {SPATIAL_OPTIONS}; got {spatial!r}.")
+    if channel not in CHANNEL_OPTIONS:
+        raise ValueError(f"{fn}(): channel must be one of {CHANNEL_OPTIONS}; got {channel!r}.")
+    return float(alpha), float(eps)
+
+
+def _check_alpha(alpha: float, fn: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise ValueError(f"{fn}(): alpha must be a float in (0, 1]; got {alpha!r}.")
+
+
+def _check_maps(x: torch.Tensor, mask: torch.Tensor | None, fn: str) -> None:
     check_shape(x, "B,C,H,W", name="x", fn=fn, hint="Pass feature maps, not descriptors.")
     check_floating(x, name="x", fn=fn)
     check_feature_mask(mask, x, fn=fn)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-        raise ValueError(f"{fn}(): alpha must be a float in (0, 1]; got {alpha!r}.")
     if mask is not None:
         torch._assert_async(
             mask.flatten(1).any(1).all(),
             f"{fn}(): mask must have at least one True position per image; got an all-False (empty) mask.",
         )
-    return float(alpha)
 
 
 def _center(s: torch.Tensor, mask: torch.Tensor | None, alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +118,8 @@ def agaussian_center(x: torch.Tensor, *, alpha: float = 0.1, mask: torch.Tensor 
         >>> agaussian_center(x, alpha=0.01)
         tensor([[4., 1.]])
     """
-    alpha = _check(x, mask, alpha, "agaussian_center")
+    _check_maps(x, mask, "agaussian_center")
+    _check_alpha(alpha, "agaussian_center")
     dtype = _compute_dtype(x)
     xf = x.to(dtype)
     if mask is not None:
@@ -120,11 +135,8 @@ def _coweight_block(
     eps: float,
     spatial: str,
     channel: str,
-    fast: bool = False,
-    buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Co-weighted vectors of a block of images (see :func:`agaussian_echannel`); ``fast``/``buf`` unused."""
-    del fast, buf  # padded CPU batches reach this cropped per image (blocked(crop=True)): no fill needed
+    """Co-weighted vectors of a block of images (see :func:`agaussian_echannel`)."""
     dtype = _compute_dtype(x)
     xf = x.to(dtype)
     if mask is not None:
@@ -231,23 +243,17 @@ def agaussian_echannel(
         torch.Size([2, 512])
     """
     fn = "agaussian_echannel"
-    alpha = _check(x, mask, alpha, fn)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"{fn}(): eps must be a finite float > 0; got {eps!r}.")
-    if spatial not in SPATIAL_OPTIONS:
-        raise ValueError(f"{fn}(): spatial must be one of {SPATIAL_OPTIONS}; got {spatial!r}.")
-    if channel not in CHANNEL_OPTIONS:
-        raise ValueError(f"{fn}(): channel must be one of {CHANNEL_OPTIONS}; got {channel!r}.")
+    _check_maps(x, mask, fn)
+    alpha, eps = _check_options(alpha, eps, spatial, channel, fn)
     itemsize = torch.finfo(_compute_dtype(x)).bits // 8
     return blocked(
         _coweight_block,
         x,
         mask,
         itemsize=itemsize,
-        crop=True,
-        fast_args=True,
+        crop=True,  # padded CPU batches: each image's valid rectangle pooled alone
         alpha=alpha,
-        eps=float(eps),
+        eps=eps,
         spatial=spatial,
         channel=channel,
     )

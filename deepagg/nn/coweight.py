@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deepagg.functional.coweight import CHANNEL_OPTIONS, SPATIAL_OPTIONS, agaussian_echannel
+from deepagg.functional.coweight import _check_options, agaussian_echannel
 from deepagg.functional.normalize import l2n
 from deepagg.nn.pooling import _Pool, _upcast
 
@@ -41,17 +41,7 @@ class AGaussianEChannelPool(_Pool):
         self, alpha: float = 0.1, eps: float = 1e-12, spatial: str = "adaptive", channel: str = "echannel"
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"{name}(): alpha must be a float in (0, 1]; got {alpha!r}.")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-            raise ValueError(f"{name}(): eps must be a finite float > 0; got {eps!r}.")
-        if spatial not in SPATIAL_OPTIONS:
-            raise ValueError(f"{name}(): spatial must be one of {SPATIAL_OPTIONS}; got {spatial!r}.")
-        if channel not in CHANNEL_OPTIONS:
-            raise ValueError(f"{name}(): channel must be one of {CHANNEL_OPTIONS}; got {channel!r}.")
-        self.alpha = float(alpha)
-        self.eps = float(eps)
+        self.alpha, self.eps = _check_options(alpha, eps, spatial, channel, type(self).__name__)
         self.spatial = spatial
         self.channel = channel
 
