@@ -172,7 +172,8 @@ def _coweight_block(
     if mask is not None:
         weights = torch.where(mask, weights, torch.zeros((), dtype=dtype, device=x.device))
     # Omega_k = sum_ij S X_k. On the CPU a block is a few images that stay in cache, where this product-sum
-    # measured faster than a batched matrix-vector product (bmm: 10-11 ms, this: 5.5 ms at 32 x 512 x 24 x 32).
+    # was faster than a batched matrix-vector product in an ad-hoc timing (bmm 10-11 ms, this 5.5 ms for the
+    # Omega step alone at 32 x 512 x 24 x 32, 2 cores); the whole op's rows are in benchmarks/bench_pooling.py.
     omega = (xf * weights[:, None]).sum(dim=(-2, -1))  # (B, K)
     if channel == "echannel":
         bk = (omega / size) ** 2
