@@ -22,7 +22,8 @@ from ._base import BaseTester
 def ref_center(img: torch.Tensor, alpha: float) -> tuple[float, float]:
     c, h, w = img.shape
     s = [sum(float(img[k, f // w, f % w]) for k in range(c)) for f in range(h * w)]  # eq. 3, row-major
-    top = sorted(range(h * w), key=lambda f: (-s[f], f))[: max(1, round(alpha * h * w))]  # ties: lower index
+    count = max(1, math.floor(alpha * h * w + 0.5))  # round half-up (design.md 3.1)
+    top = sorted(range(h * w), key=lambda f: (-s[f], f))[:count]  # ties: lower index
     return sum(f // w for f in top) / len(top), sum(f % w for f in top) / len(top)
 
 
@@ -126,7 +127,7 @@ class TestAGaussianEChannel(BaseTester):
 
     def test_small_alpha_uses_one_position(self) -> None:
         x = _relu_maps(1, 5, 5, 7, seed=3)
-        assert round(0.01 * 35) == 0
+        assert math.floor(0.01 * 35 + 0.5) == 0
         flat = x[0].sum(0).flatten()
         best = int(flat.argmax())
         torch.testing.assert_close(
@@ -134,14 +135,22 @@ class TestAGaussianEChannel(BaseTester):
         )
         self.assert_close(F.agaussian_echannel(x, alpha=0.01), ref_coweight(x[0], 0.01)[None])
 
-    def test_round_half_to_even(self) -> None:
-        # 0.1 * 25 = 2.5 rounds to 2 positions (Python's round), not 3.
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_round_half_up(self, masked: bool) -> None:
+        # design.md 3.1: round is half-up, so 0.1 * 25 = 2.5 selects 3 positions (Python's round would give 2).
         x = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
         x[0, 0, 0, 0], x[0, 0, 4, 4], x[0, 0, 0, 1] = 3.0, 2.0, 1.0
-        torch.testing.assert_close(F.agaussian_center(x, alpha=0.1), torch.tensor([[2.0, 2.0]]).double())
-        # alpha * 25 = 3: the third largest, at (0, 1), now counts.
-        torch.testing.assert_close(F.agaussian_center(x, alpha=0.12), torch.tensor([[4 / 3, 5 / 3]]).double())
-        assert ref_center(x[0], 0.1) == (2.0, 2.0)
+        mask = None
+        if masked:  # the same 5x5 image padded to 6x7: the count comes from the 25 valid cells
+            x = torch.nn.functional.pad(x, (0, 2, 0, 1), value=9.0)
+            mask = torch.zeros(1, 6, 7, dtype=torch.bool)
+            mask[:, :5, :5] = True
+        three = torch.tensor([[4 / 3, 5 / 3]]).double()
+        torch.testing.assert_close(F.agaussian_center(x, alpha=0.1, mask=mask), three)
+        # alpha * 25 = 2.25 rounds to 2: the two largest, (0, 0) and (4, 4).
+        torch.testing.assert_close(F.agaussian_center(x, alpha=0.09, mask=mask), torch.tensor([[2.0, 2.0]]).double())
+        if not masked:
+            assert ref_center(x[0], 0.1) == (4 / 3, 5 / 3)
 
     @pytest.mark.parametrize("channel", CHANNEL_OPTIONS)
     def test_constant_map_or_full_alpha_is_centred(self, channel: str) -> None:
@@ -202,7 +211,7 @@ class TestAGaussianEChannel(BaseTester):
     @pytest.mark.parametrize(("spatial", "channel"), OPTIONS)
     @pytest.mark.parametrize("alpha", [0.1, 1.0])
     def test_padded_batch_equals_single_images(self, spatial: str, channel: str, alpha: float) -> None:
-        sizes = [(6, 9), (4, 9), (6, 5), (3, 3), (5, 7), (5, 5)]  # 0.1 * 25 = 2.5: round half to even
+        sizes = [(6, 9), (4, 9), (6, 5), (3, 3), (5, 7), (5, 5)]  # 0.1 * 25 = 2.5: round half-up
         x, mask, singles = _padded(sizes, 5, seed=20)
         out = F.agaussian_echannel(x, alpha=alpha, mask=mask, spatial=spatial, channel=channel)
         alone = torch.cat([F.agaussian_echannel(s, alpha=alpha, spatial=spatial, channel=channel) for s in singles])

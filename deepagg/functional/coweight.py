@@ -7,7 +7,7 @@ With :math:`X` the :math:`(C, H, W)` map of one image (non-negative, post-ReLU):
 1. :math:`S'(i, j) = \sum_k X_k(i, j)` (eq. 3), the channel-sum map.
 2. The Gaussian centre :math:`(i_0, j_0)` is the mean row and the mean column of the
    :math:`n = \max(1, \mathrm{round}(\alpha H W))` largest entries of :math:`S'` (ties go to the lower row-major
-   flat index; ``round`` is Python's, half to even: ``round(2.5) == 2``).
+   flat index; ``round`` is half-up as design.md 3.1 fixes it: ``alpha * H * W = 2.5`` selects 3 cells).
 3. :math:`S(i, j) = \exp(-((i - i_0)^2 + (j - j_0)^2) / (2\sigma^2)) / (2\pi\sigma^2)` (eq. 2) with
    :math:`\sigma = \max(H, W) / 4`, half the distance from the map centre to its farthest border.
 4. :math:`\Omega_k = \sum_{i,j} S(i, j) X_k(i, j)` (eq. 1).
@@ -83,11 +83,11 @@ def _center(s: torch.Tensor, mask: torch.Tensor | None, alpha: float, dtype: tor
     order = torch.sort(flat, dim=1, descending=True, stable=True).indices
     ranks = torch.arange(h * w, device=s.device)
     if mask is None:
-        count: torch.Tensor | int = max(1, round(alpha * h * w))
+        count: torch.Tensor | int = max(1, math.floor(alpha * h * w + 0.5))  # round half-up
         chosen = (ranks < count).to(dtype)[None]
     else:
         n_valid = mask.sum(dim=(1, 2)).to(torch.float64)
-        count = torch.round(alpha * n_valid).clamp(min=1).to(dtype)[:, None]
+        count = torch.floor(alpha * n_valid + 0.5).clamp(min=1).to(dtype)[:, None]  # round half-up
         chosen = (ranks[None] < count).to(dtype)
     rows = torch.div(order, w, rounding_mode="floor").to(dtype)
     cols = (order % w).to(dtype)
@@ -202,7 +202,7 @@ def agaussian_echannel(
     Wang et al., "Adaptive co-weighting deep convolutional features for object retrieval", ICME 2018
     (arXiv 1803.07360, eqs. 1-5; the steps are listed in :mod:`deepagg.functional.coweight`). The
     centre of the Gaussian is the mean position of the ``max(1, round(alpha * H * W))`` largest channel sums
-    (ties to the lower row-major index; Python's ``round``, half to even); sigma is ``max(H, W) / 4``; the
+    (ties to the lower row-major index; ``round`` half-up, so 2.5 gives 3); sigma is ``max(H, W) / 4``; the
     eChannel weight is :math:`\log((K\epsilon + \sum_c b_c) / (\epsilon + b_k))` with
     :math:`b_k = (\Omega_k / (WH))^2`, so the channel with the largest :math:`\Omega_k` gets the smallest weight.
 
