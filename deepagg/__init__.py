@@ -13,6 +13,7 @@ from deepagg.nn import (
     RMAC,
     AGaussianEChannelPool,
     CroW,
+    FisherVectorPool,
     GeM,
     HeR,
     HeWPool,
@@ -22,6 +23,8 @@ from deepagg.nn import (
     Reranker,
     RerankState,
     SPoC,
+    TEmbPool,
+    VLADPool,
     Whiten,
 )
 
@@ -34,6 +37,7 @@ __all__ = [
     "RMAC",
     "AGaussianEChannelPool",
     "CroW",
+    "FisherVectorPool",
     "GeM",
     "HeR",
     "HeWPool",
@@ -43,6 +47,8 @@ __all__ = [
     "RerankState",
     "Reranker",
     "SPoC",
+    "TEmbPool",
+    "VLADPool",
     "Whiten",
     "__version__",
     "backbones",

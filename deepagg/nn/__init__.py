@@ -1,6 +1,7 @@
 """nn.Modules, one per functional op (forward = one call), plus the stateful ones."""
 
 from deepagg.nn.coweight import AGaussianEChannelPool
+from deepagg.nn.embedding import FisherVectorPool, TEmbPool, VLADPool
 from deepagg.nn.heat import HeR, HeWPool
 from deepagg.nn.normalize import L2N, PowerNorm
 from deepagg.nn.pooling import MAC, RMAC, CroW, GeM, SPoC
@@ -15,6 +16,7 @@ __all__ = [
     "RMAC",
     "AGaussianEChannelPool",
     "CroW",
+    "FisherVectorPool",
     "GeM",
     "HeR",
     "HeWPool",
@@ -24,6 +26,8 @@ __all__ = [
     "RerankState",
     "Reranker",
     "SPoC",
+    "TEmbPool",
+    "VLADPool",
     "Whiten",
     "rank_by_similarity",
 ]
