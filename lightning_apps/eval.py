@@ -27,6 +27,11 @@ imsize and scales, through the feature-map cache; with ``store=descriptors`` tho
 cache anyway (the centre needs maps; a rerun reuses them). The pooled-descriptor cache key covers the fitted
 centre, and ``results.json`` records where it was fitted (``meta["pool_center_fitted_on"]``).
 
+**Learned pools.** A pool with ``fit`` and a ``fitted`` buffer (``pool=temb``, ``pool=vlad``, ``pool=fv``) is
+fitted the same way, on the training set's database images (never the test images), with the codebook seeded by
+``seed``; the fitted ``state_dict`` is cached under ``<cache_dir>/pools/`` (:func:`fit_pool`), and
+``meta["pool_fitted_on"]`` / ``meta["pool_fit_sha256"]`` record it.
+
 Examples::
 
     python -m lightning_apps.eval                                  # clutter, VGG16, GeM, learned whitening
@@ -60,7 +65,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from deepagg._io import sha256_file
+from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.nn import Reranker, RerankState
@@ -77,6 +82,7 @@ from lightning_apps.extract import (
     model_id,
     plan_items,
     pool_cached,
+    sift_selection,
 )
 from lightning_apps.metrics import RevisitedMAP
 from lightning_apps.report import format_table, save_grid, write_results
@@ -526,12 +532,13 @@ def needs_center(pool: torch.nn.Module) -> bool:
 
 
 def _need_datasets(
-    cfg: DictConfig, *, center: bool = False
+    cfg: DictConfig, *, center: bool = False, fit: str | None = None
 ) -> tuple[RetrievalDataset, RetrievalDataset | None, str | None]:
-    """Load the test set and (when whitening is on, or ``center``) its training set; missing ones are named.
+    """Load the test set and (when whitening is on, ``center`` or ``fit``) its training set; missing ones are named.
 
     The training set (``whiten_train``, or the test set's partner in :data:`WHITEN_TRAIN`) serves to fit the
-    whitening and, with ``center``, the pool's centre (its database images' mean local feature).
+    whitening, with ``center`` the pool's centre (its database images' mean local feature), and with ``fit`` (the
+    pool's class name) a learned pool (:func:`fit_pool`).
     """
     errors: list[str] = []
     test: RetrievalDataset | None = None
@@ -542,9 +549,12 @@ def _need_datasets(
         errors.append(f"the test set: {err}")
     train_name = None
     whiten_on = cfg.whiten.get("module") is not None
-    uses = ([f"fit whiten={cfg.whiten.fit}"] if whiten_on else []) + (
-        [f"fit the HeW centre of pool={type_name(cfg.pool)} (variant hewr)"] if center else []
+    uses = (
+        ([f"fit whiten={cfg.whiten.fit}"] if whiten_on else [])
+        + ([f"fit the HeW centre of pool={type_name(cfg.pool)} (variant hewr)"] if center else [])
+        + ([f"fit pool={fit} (PCA, codebook, rotation)"] if fit else [])
     )
+    center = center or bool(fit)  # the pool's own fit needs the training set whatever whiten says
     if uses:
         test_name = test.name if test is not None else str(cfg.dataset.get("name", cfg.dataset.get("variant", "")))
         train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(test_name)
@@ -585,18 +595,27 @@ def type_name(node: DictConfig) -> str:
     return str(node.get("_target_", "")).rsplit(".", 1)[-1]
 
 
-def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo]) -> int:
-    """Fit ``pipe.pool.fit_center`` on the feature maps of ``train``'s database images; returns the positions used.
+def needs_fit(pool: torch.nn.Module) -> bool:
+    """Whether the pool learns its parameters from training maps first and is not fitted yet (``TEmbPool`` ...)."""
+    return callable(getattr(pool, "fit", None)) and isinstance(getattr(pool, "fitted", None), torch.Tensor)
+
+
+def _stream_train_maps(
+    pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo], consume: Any, what: str
+) -> int:
+    """Call ``consume(iterator)`` on the feature maps of ``train``'s database images; returns the positions seen.
 
     The maps are those of the run (imsize, every scale, batching, model), extracted through the feature-map cache
-    whatever ``store`` says (a centre is a mean of local features, not of pooled vectors), then streamed from the
-    cache one map at a time. Entries that cannot be read back are removed and extracted again, as in
-    :meth:`Pipeline.describe`.
+    whatever ``store`` says (a centre or a codebook is learned from local features, not pooled vectors), then
+    streamed from the cache one map at a time. A pool that selects local features by SIFT keypoints
+    (``mask="sift"``) gets ``(map, None, None, selection)`` tuples with each image's cached SIFT mask.
+    Entries that cannot be read back are removed and extracted again, as in :meth:`Pipeline.describe`.
     """
     c = pipe.cfg
     plans = pipe.plans(infos, None)
     for items in plans:
         pipe.used_keys.update(it.key for it in items if it.key is not None)
+    with_images = getattr(pipe.pool, "mask", None) == "sift"
     positions = 0
     for _attempt in range(3):
         good: list[ExtractionItem] = []
@@ -612,13 +631,11 @@ def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[Ima
             )
             good += [it for i, it in enumerate(items) if it.key is not None and i not in failures]
         if not good:
-            raise ImageReadError(
-                f"eval: no database image of {train.name!r} could be read to fit the HeW centre of the pool."
-            )
+            raise ImageReadError(f"eval: no database image of {train.name!r} could be read to {what}.")
         bad: list[str] = []
         positions = 0
 
-        def maps(good: list[ExtractionItem] = good, bad: list[str] = bad) -> Iterator[torch.Tensor]:
+        def maps(good: list[ExtractionItem] = good, bad: list[str] = bad) -> Iterator[Any]:
             nonlocal positions
             for it in good:
                 key = str(it.key)
@@ -630,10 +647,13 @@ def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[Ima
                     bad.append(key)
                     continue
                 positions += fmap.shape[-2] * fmap.shape[-1]
-                yield fmap
+                if with_images:
+                    yield fmap, None, None, sift_selection(pipe.cache, it, (fmap.shape[-2], fmap.shape[-1]))[None]
+                else:
+                    yield fmap
 
         try:
-            pipe.pool.fit_center(maps())  # type: ignore[operator]
+            consume(maps())
         except ValueError:
             if not bad:  # no valid position although every map was read: not a cache problem
                 raise
@@ -645,6 +665,65 @@ def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[Ima
             "(disk full or failing?)."
         )
     return positions
+
+
+def fit_pool_center(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo]) -> int:
+    """Fit ``pipe.pool.fit_center`` on the feature maps of ``train``'s database images; returns the positions used."""
+    return _stream_train_maps(pipe, train, infos, pipe.pool.fit_center, "fit the HeW centre of the pool")
+
+
+def fit_pool(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo]) -> tuple[str, bool]:
+    """Fit a learned pool (``pipe.pool.fit``) on ``train``'s database images, or load the cached fit.
+
+    The fitted ``state_dict`` is cached under ``<cache_dir>/pools/<key>.pt`` (written atomically), keyed by the
+    model, the pool's config, the training set's manifest, the run's image geometry and the seed (the codebook's
+    generator is seeded with ``seed``), so reruns and every other re-ranker or whitening reuse it.
+
+    Returns:
+        ``(sha256 of the fitted state, whether it came from the cache)``.
+    """
+    c = pipe.cfg
+    ident = json.dumps(
+        {
+            "model": pipe.model,
+            "pool": _plain(c.pool),
+            "train": train.name,
+            "train_manifest": _manifest_sha256(train),
+            "train_images": [str(p) for p in train.images] if not _manifest_sha256(train) else len(train.images),
+            "imsize": int(c.imsize),
+            "scales": [float(s) for s in c.scales],
+            "batching": str(c.batching),
+            "resize": str(c.resize),
+            "seed": int(c.seed),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    path = Path(c.cache_dir) / "pools" / f"{hashlib.sha256(ident.encode()).hexdigest()}.pt"
+    cached = False
+    if path.is_file() and not bool(c.overwrite):
+        try:
+            pipe.pool.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            cached = True
+        except Exception as err:  # unreadable (truncated pickle: any error), stale or foreign: fit again
+            log.warning("cannot load the fitted pool %s (%s); it will be fitted again", path, err)
+    if not cached:
+        generator = torch.Generator().manual_seed(int(c.seed))
+        positions = _stream_train_maps(
+            pipe,
+            train,
+            infos,
+            lambda maps: pipe.pool.fit(maps, generator=generator),
+            f"fit pool={type(pipe.pool).__name__}",
+        )
+        log.info("%s fitted on %s (%d positions)", type(pipe.pool).__name__, train.name, positions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in pipe.pool.state_dict().items()}
+        with atomic_write(path, fsync=True) as fh:
+            torch.save(state, fh)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in pipe.pool.state_dict().items()}, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest(), cached
 
 
 def _check_queries(ds: RetrievalDataset, infos: Sequence[ImageInfo], role: str) -> None:
@@ -700,6 +779,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if rerank is not None:
         check_reranker(rerank, cfg.rerank.get("_target_"))
     center = needs_center(pool)
+    learned = needs_fit(pool)
     in_channels = getattr(backbone, "out_channels", None)
     dim = pool.out_dim(in_channels) if in_channels is not None and hasattr(pool, "out_dim") else None
     wdim = _plain(cfg.whiten.get("dim")) if cfg.whiten.get("module") is not None else None
@@ -709,7 +789,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             f"({type(pool).__name__} on {in_channels} channels); got {wdim}."
         )
     # 2. Every dataset the run needs, every query image, and the whitening guard, before any extraction.
-    ds, train, _ = _need_datasets(cfg, center=center)
+    ds, train, _ = _need_datasets(cfg, center=center, fit=type_name(cfg.pool) if learned else None)
     whiten_on = cfg.whiten.get("module") is not None
     q_infos, db_infos = inspect_images(ds.queries), inspect_images(ds.images)
     _check_queries(ds, q_infos, "test")
@@ -718,10 +798,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         train_infos = (inspect_images(train.images), inspect_images(train.queries))
         _check_queries(train, train_infos[1], "whitening training")
         _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0] + train_infos[1])
-    elif train is not None and center:
-        # The HeW centre is fitted on the training set's database images: the same guard against test content.
+    elif train is not None and (center or learned):
+        # The HeW centre and learned pools are fitted on the training set's database images: the same guard.
         train_infos = (inspect_images(train.images), [])
-        _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0], "the HeW centre of the pool")
+        what = "the HeW centre of the pool" if center else f"pool={type_name(cfg.pool)}"
+        _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0], what)
     # 3. Extraction (cached), descriptors, whitening, ranking.
     precision = str(trainer.precision)
     model = model_id(
@@ -740,6 +821,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         center_sha256 = hashlib.sha256(pool.center.detach().cpu().numpy().tobytes()).hexdigest()
         # The descriptor cache key covers the fitted centre: another centre never reuses old descriptors.
         pipe.pool_id = hashlib.sha256(f"{_module_id(pool, cfg.pool)}|center={center_sha256}".encode()).hexdigest()
+    pool_sha256, pool_cached_fit = None, False
+    if learned and train is not None:
+        pool_sha256, pool_cached_fit = fit_pool(
+            pipe, train, train_infos[0] if train_infos else inspect_images(train.images)
+        )
+        log.info("pool %s fitted on %s%s", type(pool).__name__, train.name, " (cached)" if pool_cached_fit else "")
+        pipe.pool_id = _module_id(pool, cfg.pool)  # the state_dict now holds the fit: new descriptor keys
     q, q_fail = pipe.describe(pipe.plans(q_infos, ds.bbx))
     if q_fail:
         raise ImageReadError(f"eval: query images could not be read: {[str(ds.queries[i]) for i in q_fail][:5]}")
@@ -777,6 +865,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "pool": cfg.pool._target_,
         "pool_center_fitted_on": train.name if center_sha256 is not None and train is not None else None,
         "pool_center_sha256": center_sha256,
+        "pool_fitted_on": train.name if pool_sha256 is not None and train is not None else None,
+        "pool_fit_sha256": pool_sha256,
+        "pool_kept_fraction": round(float(pool.kept_fraction), 4) if hasattr(pool, "kept_fraction") else None,
         "whiten": cfg.whiten.get("fit") if whiten is not None else "none",
         "whiten_train": train.name if train is not None and whiten is not None else None,
         "whiten_dim": int(whiten.out_dim) if whiten is not None else None,
