@@ -58,9 +58,11 @@ def test_temb_is_fitted_on_the_training_set_cached_and_reused(
         "pool TEmbPool fitted on rparis6k",
     ]
     np.testing.assert_array_equal(first["medium"]["aps"], second["medium"]["aps"])
-    assert _meta(train_set / "b")["pool_fit_sha256"] == meta["pool_fit_sha256"] != _meta(train_set / "c")[
-        "pool_fit_sha256"
-    ]
+    assert (
+        _meta(train_set / "b")["pool_fit_sha256"]
+        == meta["pool_fit_sha256"]
+        != _meta(train_set / "c")["pool_fit_sha256"]
+    )
     assert len(list((train_set / "data" / "features" / "pools").glob("*.pt"))) == 2
 
 
