@@ -345,91 +345,167 @@ def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.T
     return torch.rand((), dtype=torch.float64, generator=generator, device=generator.device).to(device)
 
 
-def _sq_dist_to(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared distances (N,) of the rows of ``x`` to the single point ``c`` (d,), chunked to bound memory."""
-    step = max(1, _BLOCK_ENTRIES // max(1, x.shape[1]))
-    return torch.cat([((x[i : i + step] - c) ** 2).sum(dim=1) for i in range(0, x.shape[0], step)])
-
-
-def _kmeanspp(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, sq_x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """k-means++ seeding (Arthur and Vassilvitskii, 2007): indices (k,) of the seeds, drawn from ``generator``."""
     n = x.shape[0]
     first = min(int(_uniform(generator, x.device) * n), n - 1)
     chosen = [first]
-    closest = _sq_dist_to(x, x[first])
+    # Squared distance to the nearest seed so far, as |x|^2 - 2 x.c + |c|^2 (one matrix-vector product per seed).
+    closest = torch.addmv(sq_x, x, x[first], alpha=-2.0).add_(sq_x[first]).clamp_(min=0)
+    closest[first] = 0
     for _ in range(1, k):
-        cum = torch.cumsum(closest.to(torch.float64), dim=0)
+        cum = torch.cumsum(closest, dim=0, dtype=torch.float64)
         total = cum[-1]
         u = _uniform(generator, x.device)
         if float(total) > 0:
-            # First index whose cumulative mass exceeds u * total: a point at distance 0 (a seed, a duplicate)
+            # The first index whose cumulative mass exceeds u * total: a point at distance 0 (a seed, a duplicate)
             # has no mass and is never drawn.
             idx = int(torch.searchsorted(cum, (u * total).reshape(1), right=True).clamp(max=n - 1))
         else:  # fewer than k distinct points: any point
             idx = min(int(u * n), n - 1)
         chosen.append(idx)
-        closest = torch.minimum(closest, _sq_dist_to(x, x[idx]))
+        dist = torch.addmv(sq_x, x, x[idx], alpha=-2.0).add_(sq_x[idx]).clamp_(min=0)
+        dist[idx] = 0
+        closest = torch.minimum(closest, dist)
     return torch.tensor(chosen, device=x.device)
 
 
-def _assign(x: torch.Tensor, sq_x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid (N,) and its squared distance (N,), from ``|x|^2 - 2 x.c + |c|^2`` in row blocks."""
-    k = c.shape[0]
+def _nearest(x: torch.Tensor, sq_x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest centroid (N,) of every row, its distance (N,) and the distance to the second nearest (N,).
+
+    Squared distances are ``|x|^2 - 2 x.c + |c|^2`` in blocks of rows (ties: the lower index); with one centroid
+    the second distance is inf.
+    """
+    n, k = x.shape[0], c.shape[0]
     step = max(1, _BLOCK_ENTRIES // k)
     sq_c = (c * c).sum(dim=1)
-    labels, dists = [], []
-    for i in range(0, x.shape[0], step):
-        dist = torch.addmm(sq_c, x[i : i + step], c.T, alpha=-2.0)  # (rows, k), minus the constant |x|^2
-        val, idx = dist.min(dim=1)
-        labels.append(idx)
-        dists.append((val + sq_x[i : i + step]).clamp(min=0))
-    return torch.cat(labels), torch.cat(dists)
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    best = torch.empty(n, dtype=x.dtype, device=x.device)
+    second = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+    for i in range(0, n, step):
+        d2 = torch.addmm(sq_c, x[i : i + step], c.T, alpha=-2.0).add_(sq_x[i : i + step, None])
+        val, idx = d2.min(dim=1)  # the first minimum: ties go to the lower index
+        labels[i : i + step] = idx
+        best[i : i + step] = val
+        if k > 1:
+            second[i : i + step] = d2.scatter_(1, idx[:, None], math.inf).amin(dim=1)
+    return labels, best.clamp_(min=0).sqrt_(), second.clamp_(min=0).sqrt_()
 
 
-def _reseed_empty(labels: torch.Tensor, dists: torch.Tensor, k: int) -> torch.Tensor:
-    """Give each empty cluster (ascending) the next farthest point from its centroid (ties: lower index)."""
-    counts = torch.bincount(labels, minlength=k)
-    empty = torch.nonzero(counts == 0).flatten()
-    if empty.numel() == 0:
-        return labels
-    labels = labels.clone()
+def _sums(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    *,
+    minus: torch.Tensor | None = None,
+    square: bool = False,
+) -> torch.Tensor:
+    """Per-label sums (k, d) in float64 of the rows of ``x`` (or of their squares), minus those under ``minus``.
+
+    One (k x rows) indicator-matrix product per block of rows: on the CPU this is many times faster than
+    ``index_add_``, which is slow for few, long rows.
+    """
+    out = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    codes = torch.arange(k, device=x.device)[:, None]
+    step = max(1, _BLOCK_ENTRIES // max(1, x.shape[1], k))
+    for i in range(0, len(x), step):
+        rows = x[i : i + step]
+        onehot = (labels[i : i + step] == codes).to(x.dtype)  # (k, rows)
+        if minus is not None:
+            onehot -= (minus[i : i + step] == codes).to(x.dtype)
+        out += (onehot @ (rows * rows if square else rows)).to(torch.float64)
+    return out
+
+
+def _reseed_empty(
+    x: torch.Tensor, c: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor
+) -> torch.Tensor:
+    """Give each empty cluster (ascending) the next row farthest from its centroid ``c`` (ties: lower index).
+
+    A row is never taken from a cluster it is alone in. ``counts`` and ``sums`` are updated in place; returns
+    the new labels.
+    """
+    step = max(1, _BLOCK_ENTRIES // max(1, x.shape[1]))
+    dists = torch.cat([((x[i : i + step] - c[labels[i : i + step]]) ** 2).sum(dim=1) for i in range(0, len(x), step)])
     order = torch.sort(dists, descending=True, stable=True).indices
+    labels = labels.clone()
     taken = 0
-    for j in empty.tolist():
-        # Take the farthest point whose cluster keeps at least one member after the move.
+    for j in torch.nonzero(counts == 0).flatten().tolist():
         while True:
             i = int(order[taken])
             taken += 1
-            if counts[labels[i]] > 1:
+            if int(counts[labels[i]]) > 1:
                 break
-        counts[labels[i]] -= 1
+        old = int(labels[i])
+        row = x[i].to(torch.float64)
+        counts[old] -= 1
         counts[j] += 1
+        sums[old] -= row
+        sums[j] += row
         labels[i] = j
     return labels
-
-
-def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=k).to(x.dtype)
-    return sums / counts[:, None]
 
 
 def _kmeans(
     x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroids (k, d) and labels (N,) of ``x`` in its compute dtype (already validated)."""
+    """Centroids (k, d) and labels (N,) of ``x`` in its compute dtype (already validated).
+
+    Lloyd's iteration, with Hamerly's bounds (SDM 2010) to skip the rows that provably keep their centroid: an
+    upper bound ``upper`` on the distance to the assigned centroid and a lower bound ``lower`` on the distance to
+    every other one. When the centroids move by ``shift``, ``upper += shift[label]`` and
+    ``lower -= max(shift)``; only the rows with ``upper >= lower`` (minus a rounding margin) are reassigned, with
+    exact distances. The assignment is the same as plain Lloyd's (up to rounding-level near-ties), and so is the
+    stopping rule (no row changes its centroid); late iterations cost a few passes over N instead of an N x k
+    product. The per-cluster sums and counts are updated incrementally (float64), and the returned centroids are
+    the exact means of the final assignment.
+    """
+    mean = x.mean(dim=0)
+    x = x - mean  # centred: the |x|^2 - 2 x.c + |c|^2 expansion loses less to cancellation
+    n = x.shape[0]
     sq_x = (x * x).sum(dim=1)
-    centroids = x[_kmeanspp(x, k, generator)]
-    labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-    for _ in range(iters):
-        new, dists = _assign(x, sq_x, centroids)
-        if torch.equal(new, labels):
-            break
-        labels = _reseed_empty(new, dists, k)
-        centroids = _means(x, labels, k)
+    centroids = x[_kmeanspp(x, sq_x, k, generator)]
     if iters == 0:
-        labels = _assign(x, sq_x, centroids)[0]
-    return centroids, labels
+        return centroids + mean, _nearest(x, sq_x, centroids)[0]
+    max_sq_x = float(sq_x.max())
+    eps = torch.finfo(x.dtype).eps
+    labels, upper, lower = _nearest(x, sq_x, centroids)  # the assignment step of the first iteration
+    sums = _sums(x, labels, k)
+    counts = torch.bincount(labels, minlength=k)
+    for it in range(iters):
+        # Update step.
+        if bool((counts == 0).any()):
+            labels = _reseed_empty(x, centroids, labels, counts, sums)
+            upper.fill_(math.inf)  # every row is rechecked in the next assignment
+        if it == iters - 1:
+            break
+        new_c = (sums / counts[:, None]).to(x.dtype)
+        # Assignment step of the next iteration, on the rows whose bounds allow a change only.
+        shift = (new_c - centroids).norm(dim=1)
+        centroids = new_c
+        upper += shift[labels]
+        lower -= shift.max()
+        # Rounding margin: the computed squared distances are off by about eps (|x|^2 + |c|^2), the distances by
+        # at most the square root of that.
+        margin = 2 * math.sqrt(16 * eps * (max_sq_x + float((centroids * centroids).sum(dim=1).max())))
+        stale = upper + margin >= lower
+        cand = torch.nonzero(stale).flatten()
+        if cand.numel() > n // 2:  # most rows: one pass over all, no gather
+            new, upper, lower = _nearest(x, sq_x, centroids)
+            moved = torch.nonzero(new != labels).flatten()
+            new_moved = new[moved]
+        else:
+            new, upper[cand], lower[cand] = _nearest(x[cand], sq_x[cand], centroids)
+            changed = new != labels[cand]
+            moved, new_moved = cand[changed], new[changed]
+        if moved.numel() == 0:
+            break
+        sums += _sums(x[moved], new_moved, k, minus=labels[moved])
+        counts += torch.bincount(new_moved, minlength=k) - torch.bincount(labels[moved], minlength=k)
+        labels[moved] = new_moved
+    # The exact means of the final assignment (the incremental sums drift by rounding).
+    centroids = (_sums(x, labels, k) / torch.bincount(labels, minlength=k)[:, None]).to(x.dtype)
+    return centroids + mean, labels
 
 
 def kmeans(
@@ -494,6 +570,29 @@ def _gmm_log_joint(x: torch.Tensor, means: torch.Tensor, var: torch.Tensor, log_
     return const - 0.5 * maha
 
 
+def _gmm_m_step(
+    mass: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    means: torch.Tensor,
+    var: torch.Tensor,
+    min_variance: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means, floored variances and weights (float64) from the per-component mass, sum and sum of squares.
+
+    A component with (almost) no mass keeps its previous mean and variances (VLFeat's rule, mass < 1e-6 / k);
+    weights are floored at the smallest normal float64 so that their logarithm stays finite.
+    """
+    alive = (mass >= 1e-6 / len(mass))[:, None]
+    safe = torch.where(alive, mass[:, None], torch.ones_like(mass[:, None]))
+    new_means = first / safe
+    new_var = second / safe - new_means * new_means
+    means = torch.where(alive, new_means, means)
+    var = torch.where(alive, new_var, var).clamp(min=min_variance)
+    weights = (mass / mass.sum()).clamp(min=torch.finfo(torch.float64).tiny)
+    return means, var, weights
+
+
 def fit_gmm(
     x: torch.Tensor,
     k: int,
@@ -509,9 +608,10 @@ def fit_gmm(
     hard assignments, from which the means, the per-dimension variances (biased, :math:`1/N_i`) and the weights
     :math:`N_i / N` of the initial mixture are computed; then EM runs for at most ``iters`` iterations, stopping
     early when the mean log-likelihood changes by less than 1e-5 of itself (VLFeat's criterion). Posteriors are
-    computed in the log domain (log-softmax). Variances are floored at ``min_variance`` after every update; a
-    component that receives no mass keeps its previous mean and variances, and weights are floored at the
-    smallest normal number of the compute dtype so that they stay positive. The data are centred (their mean
+    computed in the log domain (log-sum-exp) and the statistics accumulated in float64. Variances are floored at
+    ``min_variance`` after every update; a component that receives (almost) no mass, below 1e-6 / k, keeps its
+    previous mean and variances (VLFeat's rule), and the returned weights are floored at the smallest normal number
+    of the dtype of ``x`` so that :func:`fisher_embedding` never divides by zero. The data are centred (their mean
     subtracted) during the fit to limit cancellation in the variances; the returned means are in the original
     coordinates.
 
@@ -554,42 +654,40 @@ def fit_gmm(
             raise ValueError(f"{fn}(): min_variance must be a finite float > 0; got {min_variance!r}.")
         dtype = _compute_dtype(x)
         center = x.to(dtype).mean(dim=0)
-        xc = x.to(dtype) - center
-        tiny = torch.finfo(dtype).tiny
+        xc = x.to(dtype) - center  # centred: less cancellation in E[x^2] - mu^2
         _, labels = _kmeans(xc, k, iters, generator)
-        counts = torch.bincount(labels, minlength=k).to(dtype)  # >= 1 each: k-means re-seeds empty clusters
-        means = _means(xc, labels, k)
-        var = _means(xc * xc, labels, k) - means * means
-        var = var.clamp(min=min_variance)
-        weights = (counts / n).clamp(min=tiny)
+        # The initial mixture is the M step of the hard k-means assignment (no cluster is empty).
+        mass = torch.bincount(labels, minlength=k).to(torch.float64)
+        first = _sums(xc, labels, k)
+        second = _sums(xc, labels, k, square=True)
+        means = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+        var = torch.ones(k, d, dtype=torch.float64, device=x.device)
+        means, var, weights = _gmm_m_step(mass, first, second, means, var, min_variance)
         step = max(1, _BLOCK_ENTRIES // k)
         previous = -math.inf
         for _ in range(iters):
-            # E step, in row blocks: responsibilities and the sufficient statistics of the M step.
-            mass = torch.zeros(k, dtype=dtype, device=x.device)
-            first = torch.zeros(k, d, dtype=dtype, device=x.device)
-            second = torch.zeros(k, d, dtype=dtype, device=x.device)
+            # E step, in row blocks: posteriors in the log domain and the sufficient statistics of the M step.
+            mass = torch.zeros(k, dtype=torch.float64, device=x.device)
+            first = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+            second = torch.zeros(k, d, dtype=torch.float64, device=x.device)
             loglik = torch.zeros((), dtype=torch.float64, device=x.device)
-            log_w = torch.log(weights)
+            mu, v, log_w = means.to(dtype), var.to(dtype), torch.log(weights).to(dtype)
             for i in range(0, n, step):
                 rows = xc[i : i + step]
-                joint = _gmm_log_joint(rows, means, var, log_w)
+                joint = _gmm_log_joint(rows, mu, v, log_w)
                 norm = torch.logsumexp(joint, dim=1, keepdim=True)
                 resp = torch.exp(joint - norm)  # (rows, k)
-                loglik += norm.sum().to(torch.float64)
-                mass += resp.sum(dim=0)
-                first += resp.T @ rows
-                second += resp.T @ (rows * rows)
+                loglik += norm.sum(dtype=torch.float64)
+                mass += resp.sum(dim=0, dtype=torch.float64)
+                first += (resp.T @ rows).to(torch.float64)
+                second += (resp.T @ (rows * rows)).to(torch.float64)
             current = float(loglik) / n
             if abs(current - previous) < _GMM_TOL * abs(current):
                 break
             previous = current
-            # M step; components without mass keep their parameters.
-            alive = (mass > tiny)[:, None]
-            safe = torch.where(alive, mass[:, None], torch.ones_like(mass[:, None]))
-            new_means = first / safe
-            new_var = second / safe - new_means * new_means
-            means = torch.where(alive, new_means, means)
-            var = torch.where(alive, new_var, var).clamp(min=min_variance)
-            weights = (mass / mass.sum()).clamp(min=tiny)
-    return (means + center).to(x.dtype), var.to(x.dtype), weights.to(x.dtype)
+            means, var, weights = _gmm_m_step(mass, first, second, means, var, min_variance)
+    return (
+        (means + center.to(torch.float64)).to(x.dtype),
+        var.to(x.dtype),
+        weights.to(x.dtype).clamp(min=torch.finfo(x.dtype).tiny),
+    )
