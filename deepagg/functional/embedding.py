@@ -17,7 +17,7 @@ and ignores whatever the padded rows hold.
 - :func:`democratic_weights` (sec. 4.3, Jégou and Zisserman, CVPR 2014): the modified Sinkhorn iteration of the
   authors' ``sinkhornm.m`` on the Gram matrix of the embedded features, negatives clipped to 0.
 
-Codebooks are fitted by :func:`kmeans` (k-means++ seeding, Lloyd iterations) and :func:`fit_gmm` (EM for a
+Codebooks are fitted by :func:`kmeans` (greedy k-means++ seeding, Lloyd iterations) and :func:`fit_gmm` (EM for a
 diagonal GMM initialised from k-means, as VLFeat's ``vl_gmm(..., 'Initialization', 'kmeans')``). The four tensor
 functions are batched, free of host synchronisation and compile with ``torch.compile(fullgraph=True)``; the two
 fitting utilities read values to the host (convergence tests, empty-cluster handling) and are exempt.
@@ -338,35 +338,44 @@ def _check_training(x: torch.Tensor, k: int, fn: str) -> tuple[int, int, int]:
     return n, d, k
 
 
-def _uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """One float64 draw in [0, 1) from ``generator`` (the global RNG of ``device`` when None), on ``device``."""
+def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``n`` float64 draws in [0, 1) from ``generator`` (the global RNG of ``device`` when None), on ``device``."""
     if generator is None:
-        return torch.rand((), dtype=torch.float64, device=device)
-    return torch.rand((), dtype=torch.float64, generator=generator, device=generator.device).to(device)
+        return torch.rand(n, dtype=torch.float64, device=device)
+    return torch.rand(n, dtype=torch.float64, generator=generator, device=generator.device).to(device)
 
 
 def _kmeanspp(x: torch.Tensor, sq_x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k-means++ seeding (Arthur and Vassilvitskii, 2007): indices (k,) of the seeds, drawn from ``generator``."""
+    """Greedy k-means++ seeding: indices (k,) of the seeds, every draw from ``generator``.
+
+    Arthur and Vassilvitskii (SODA 2007) draw each next seed with probability proportional to the squared
+    distance to the nearest seed so far; the greedy variant (their sec. 6, scikit-learn's default) draws
+    ``2 + floor(log k)`` candidates that way and keeps the one that lowers the k-means potential most (ties: the
+    first drawn), which misses well-separated clusters far less often.
+    """
     n = x.shape[0]
-    first = min(int(_uniform(generator, x.device) * n), n - 1)
+    trials = 2 + int(math.log(k))
+    first = min(int(_uniform(1, generator, x.device)[0] * n), n - 1)
     chosen = [first]
-    # Squared distance to the nearest seed so far, as |x|^2 - 2 x.c + |c|^2 (one matrix-vector product per seed).
+    # Squared distance to the nearest seed so far, as |x|^2 - 2 x.c + |c|^2 (one product per step).
     closest = torch.addmv(sq_x, x, x[first], alpha=-2.0).add_(sq_x[first]).clamp_(min=0)
     closest[first] = 0
     for _ in range(1, k):
         cum = torch.cumsum(closest, dim=0, dtype=torch.float64)
         total = cum[-1]
-        u = _uniform(generator, x.device)
+        u = _uniform(trials, generator, x.device)
         if float(total) > 0:
             # The first index whose cumulative mass exceeds u * total: a point at distance 0 (a seed, a duplicate)
             # has no mass and is never drawn.
-            idx = int(torch.searchsorted(cum, (u * total).reshape(1), right=True).clamp(max=n - 1))
-        else:  # fewer than k distinct points: any point
-            idx = min(int(u * n), n - 1)
-        chosen.append(idx)
-        dist = torch.addmv(sq_x, x, x[idx], alpha=-2.0).add_(sq_x[idx]).clamp_(min=0)
-        dist[idx] = 0
-        closest = torch.minimum(closest, dist)
+            cand = torch.searchsorted(cum, u * total, right=True).clamp_(max=n - 1)
+        else:  # fewer than k distinct points: any points
+            cand = (u * n).long().clamp_(max=n - 1)
+        dist = torch.addmm(sq_x[:, None], x, x[cand].T, alpha=-2.0).add_(sq_x[cand]).clamp_(min=0)  # (N, trials)
+        dist[cand, torch.arange(trials, device=x.device)] = 0
+        dist = torch.minimum(dist, closest[:, None])
+        best = int(dist.sum(dim=0, dtype=torch.float64).argmin())
+        chosen.append(int(cand[best]))
+        closest = dist[:, best].contiguous()
     return torch.tensor(chosen, device=x.device)
 
 
@@ -460,13 +469,15 @@ def _kmeans(
     product. The per-cluster sums and counts are updated incrementally (float64), and the returned centroids are
     the exact means of the final assignment.
     """
+    rows = x
     mean = x.mean(dim=0)
     x = x - mean  # centred: the |x|^2 - 2 x.c + |c|^2 expansion loses less to cancellation
     n = x.shape[0]
     sq_x = (x * x).sum(dim=1)
-    centroids = x[_kmeanspp(x, sq_x, k, generator)]
-    if iters == 0:
-        return centroids + mean, _nearest(x, sq_x, centroids)[0]
+    seeds = _kmeanspp(x, sq_x, k, generator)
+    centroids = x[seeds]
+    if iters == 0:  # the seeds themselves, exactly rows of x
+        return rows[seeds], _nearest(x, sq_x, centroids)[0]
     max_sq_x = float(sq_x.max())
     eps = torch.finfo(x.dtype).eps
     labels, upper, lower = _nearest(x, sq_x, centroids)  # the assignment step of the first iteration
@@ -517,16 +528,21 @@ def kmeans(
 ) -> torch.Tensor:
     r"""k-means centroids of the rows of ``x``: k-means++ seeding, then Lloyd iterations.
 
-    The codebook learning of Hoang et al. (ACM MM 2017, sec. 4.2) for T-emb and VLAD. Seeding is k-means++
-    (Arthur and Vassilvitskii, SODA 2007: the first seed uniform, each next one drawn with probability proportional
-    to the squared distance to the nearest seed); every random draw comes from ``generator`` (the global RNG when
-    None), so the same generator state gives the same centroids. A generator on another device than ``x`` is fine
-    (its draws are moved). Each Lloyd iteration assigns every row to its nearest centroid (squared L2, computed as
-    :math:`\|x\|^2 - 2 x^\top c + \|c\|^2` in blocks of rows so that memory stays bounded for N in the millions)
-    and moves each centroid to the mean of its rows. A cluster that becomes empty is re-seeded deterministically
-    with the row farthest from its own centroid (then the next farthest, for several; a row is never taken from a
-    cluster it is alone in). The iteration stops early when no assignment changes. With fewer than k distinct
-    rows some centroids coincide.
+    The codebook learning of Hoang et al. (ACM MM 2017, sec. 4.2) for T-emb and VLAD. Seeding is greedy k-means++
+    (Arthur and Vassilvitskii, SODA 2007; scikit-learn's default): the first seed uniform, then at each step
+    ``2 + floor(log k)`` candidates drawn with probability proportional to the squared distance to the nearest seed,
+    of which the one that lowers the k-means potential most is kept. Every random draw comes from ``generator``
+    (the global RNG when None), so the same generator state gives the same centroids. A generator on another device
+    than ``x`` is fine (its draws are moved).
+
+    Each Lloyd iteration assigns every row to its nearest centroid (squared L2, computed as
+    :math:`\|x\|^2 - 2 x^\top c + \|c\|^2` on the centred rows, in blocks of rows so that memory stays bounded
+    for N in the millions; ties go to the lower index) and moves each centroid to the mean of its rows. Hamerly's
+    distance bounds (SDM 2010) skip the rows that provably keep their centroid, so late iterations, where few rows
+    move, are cheap; the result is that of plain Lloyd iterations. A cluster that becomes empty is re-seeded
+    deterministically with the row farthest from its own centroid (then the next farthest, for several; a row is
+    never taken from a cluster it is alone in). The iteration stops early when no assignment changes; the returned
+    centroids are the means of the final assignment. With fewer than k distinct rows some centroids coincide.
 
     Fitting utility: computed in at least float32 (float64 for float64 input), returned in the dtype of ``x``;
     reads values to the host (convergence test, empty clusters), so it is exempt from ``torch.compile``. Not
