@@ -19,7 +19,7 @@ ev dim2048 pool=temb pool.d=64 pool.k=34 pool.mask=max,sum whiten=none
 ev dim4096 pool=temb pool.d=64 pool.k=66 pool.mask=max whiten=none
 # The baselines beside them, without and with the app's learned whitening (Lw on clutter_train).
 ev baselines pool=spoc,crow,gem whiten=none,learned
-ev temb_lw pool=temb pool.mask=max,sum,none whiten=learned
+ev temb_lw pool=temb pool.mask=max,none whiten=learned
 for d in table3 dim1024 dim2048 dim4096 baselines temb_lw; do
   echo "## $d"
   "$py" -m lightning_apps.summarize "$out/$d"
