@@ -39,6 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -705,6 +706,23 @@ def run(args: argparse.Namespace) -> Path:
     )
     print(out)
     return out
+
+
+def cli_main(prog: str, parser: argparse.ArgumentParser, run_fn: Any, argv: Sequence[str] | None = None) -> int:
+    """Entry point shared by the figure commands: ``run_fn(parsed args)``; 0, or 2 after one line on stderr.
+
+    A :class:`HewFigureError` raised by one of this module's helpers names ``hew_figure``; the line names ``prog``
+    instead, so the user sees the command they typed.
+    """
+    try:
+        run_fn(parser.parse_args(argv))
+    except HewFigureError as err:
+        text = " ".join(str(err).split())
+        if text.startswith("hew_figure: "):
+            text = f"{prog}: {text.removeprefix('hew_figure: ')}"
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

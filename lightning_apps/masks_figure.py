@@ -56,6 +56,7 @@ from lightning_apps.hew_figure import (
     MARGIN,
     MIN_SIDE,
     HewFigureError,
+    cli_main,
     colormap,
     data_root,
     default_image,
@@ -460,20 +461,9 @@ def run(args: argparse.Namespace) -> Path | None:
     return out
 
 
-def _message(err: HewFigureError) -> str:
-    """The error as one line, naming this command where a shared hew_figure helper raised it."""
-    text = " ".join(str(err).split())
-    return f"{PROG}: {text.removeprefix('hew_figure: ')}" if text.startswith("hew_figure: ") else text
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command (see the module doc); returns 0, or 2 after one line on stderr for a user error."""
-    try:
-        run(_parser().parse_args(argv))
-    except HewFigureError as err:
-        print(f"error: {_message(err)}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(PROG, _parser(), run, argv)
 
 
 if __name__ == "__main__":
