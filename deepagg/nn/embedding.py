@@ -219,13 +219,11 @@ class _SelectiveEmbeddingPool(nn.Module):
         return sel & nonzero
 
     @staticmethod
-    def _compact(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compact(x: torch.Tensor, keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather the kept rows of ``x`` (B, C, H, W) into ``(B, n, C)`` + valid ``(B, n)``, in row-major order."""
         b, c = x.shape[:2]
         feats = x.flatten(2).mT  # (B, HW, C)
         keep = keep.flatten(1)
-        # One host sync per batch (eager only): the size of the padded local set.
-        n = keep.shape[1] if _is_compiling() or b == 0 else int(keep.sum(1).max())
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
         valid = keep.gather(1, order)
         feats = feats.gather(1, order[..., None].expand(b, n, c))
@@ -289,10 +287,15 @@ class _SelectiveEmbeddingPool(nn.Module):
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         with torch.no_grad():
             keep = self.select(xf, mask, images, selection)
-        if not _is_compiling():
-            self.positions_seen += int(mask.sum()) if mask is not None else x.shape[0] * x.shape[2] * x.shape[3]
-            self.positions_kept += int(keep.sum())
-        feats, valid = self._compact(xf, keep)
+        n = x.shape[2] * x.shape[3]  # under compile (or B = 0) the whole grid: no data-dependent size
+        if not _is_compiling() and x.shape[0] > 0:
+            # One host sync per batch (eager only): the padded local set's size and the kept-fraction counters.
+            kept = keep.flatten(1).sum(1)
+            seen = mask.sum() if mask is not None else torch.tensor(keep.numel(), device=keep.device)
+            n, total_kept, total_seen = torch.stack([kept.max(), kept.sum(), seen]).tolist()
+            self.positions_seen += total_seen
+            self.positions_kept += total_kept
+        feats, valid = self._compact(xf, keep, n)
         return self._finish(self._aggregate(self._project(feats, valid), valid)).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------ fitting
