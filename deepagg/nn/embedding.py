@@ -162,7 +162,7 @@ class _SelectiveEmbeddingPool(nn.Module):
         )
 
     def _check_fitted(self, what: str) -> None:
-        # A Python bool of a buffer is a host sync, but only of a 0-d flag kept on the module's device.
+        # Shape metadata only (no host sync): unfitted buffers are empty.
         if self.local_mean.numel() == 0:
             raise RuntimeError(
                 f"{type(self).__name__}.{what}(): the pool is not fitted; call fit(train_feature_maps) first "
