@@ -1,0 +1,118 @@
+r"""Iterative linear solvers: batched conjugate gradient for symmetric positive definite systems.
+
+:func:`conjugate_gradient` solves :math:`A x = b` for every column of ``b`` at once, with ``A`` given only by a
+function that multiplies it with a block of columns (a sparse matrix product, a graph Laplacian, a
+block-diagonal set of per-query sub-graphs). Each column runs its own CG recurrence (its own step sizes), so
+the result for a column does not depend on the other columns. The loop runs a fixed number of iterations with
+per-column convergence masks, and never synchronises with the device inside the loop.
+
+A column whose relative residual never falls to ``tol`` returns the iterate with the smallest residual norm
+seen (the initial zero vector included), as MATLAB's ``pcg`` does when it does not converge: at the diffusion
+setting of Iscen et al. (alpha = 0.99, 20 iterations, tol 1e-6) no column converges, and this rule decides
+the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from deepagg._checks import ShapeError, check_floating, check_int
+
+__all__ = ["conjugate_gradient"]
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    *,
+    max_iter: int = 20,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Solve :math:`A x = b` by conjugate gradient, batched over the columns of ``b``.
+
+    ``A`` must be symmetric positive definite; it is given by ``matvec(X) = A @ X`` for a block ``X`` of shape
+    :math:`(N, Q)`. Starting from :math:`x_0 = 0`, each column runs the textbook CG recurrence (Hestenes and
+    Stiefel) for at most ``max_iter`` iterations. A column is converged once its recurrence residual satisfies
+    :math:`\|r\| \le \mathrm{tol}\,\|b\|` (relative to that column's right-hand side); from then on its iterate
+    is frozen (its step size is 0). A column that never converges returns the iterate whose residual norm was
+    the smallest, which is the last one unless the residual went up at the end (MATLAB ``pcg``'s rule). A zero
+    column of ``b`` returns zeros. There is no host synchronisation inside the loop: the fixed budget is run
+    in full (``matvec`` is called exactly ``max_iter`` times), so the solver is traceable and GPU-friendly.
+    The iteration runs without autograd (in place, fused ops): the solution carries no gradient.
+
+    Args:
+        matvec: Function mapping an :math:`(N, Q)` tensor to ``A`` times it, same shape, dtype and device.
+        b: Right-hand sides :math:`(N, Q)`, or a single one of shape :math:`(N,)`. Floating point.
+        max_iter: Iteration budget, an int >= 0 (0 returns zeros).
+        tol: Relative residual tolerance, a float >= 0.
+
+    Returns:
+        ``(solution, residual_norms)``: the solution with the shape of ``b``, and the recurrence residual norm
+        :math:`\|b - A x\|` of each returned column, shape ``b.shape[1:]`` (a 0-d tensor for a 1-D ``b``).
+
+    Raises:
+        ShapeError: If ``b`` is not 1-D or 2-D, or ``matvec`` returns another shape.
+        DTypeError: If ``b`` is not floating point.
+        ValueError: If ``max_iter < 0`` or ``tol`` is negative or NaN.
+
+    Example:
+        >>> a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, res = conjugate_gradient(lambda v: a @ v, torch.tensor([1.0, 2.0], dtype=torch.float64), max_iter=2)
+        >>> torch.allclose(a @ x, torch.tensor([1.0, 2.0], dtype=torch.float64)), bool(res < 1e-12)
+        (True, True)
+    """
+    fn = "conjugate_gradient"
+    if not isinstance(b, torch.Tensor) or b.ndim not in (1, 2):
+        got = f"shape {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ShapeError(f"{fn}(): b must have shape (N,) or (N, Q); got {got}.", "(N,) or (N, Q)", got)
+    check_floating(b, name="b", fn=fn)
+    max_iter = check_int(max_iter, name="max_iter", fn=fn, minimum=0)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ValueError(f"{fn}(): tol must be a finite float >= 0 (relative to each column's ||b||); got {tol!r}.")
+    single = b.ndim == 1
+    rhs = b[:, None] if single else b
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        out = matvec(v)
+        if not isinstance(out, torch.Tensor) or out.shape != v.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ShapeError(
+                f"{fn}(): matvec must return a tensor of the shape of its input {tuple(v.shape)}; got {got}.",
+                tuple(v.shape),
+                got,
+            )
+        return out
+
+    with torch.no_grad():
+        x = torch.zeros_like(rhs)
+        r = rhs.clone()
+        p = rhs.clone()
+        rr = torch.linalg.vecdot(r, r, dim=0)  # (Q,) squared residual norms
+        threshold = (tol * rr.sqrt()) ** 2  # converged when rr <= (tol ||b||)^2
+        best_x = x.clone()
+        best_rr = rr.clone()
+        done = rr <= threshold
+        tiny = torch.finfo(rhs.dtype).tiny
+        for _ in range(max_iter):
+            ap = apply(p)
+            pap = torch.linalg.vecdot(p, ap, dim=0)
+            active = ~done & (pap > 0)  # pap <= 0 only for a zero direction (or an A that is not SPD)
+            step = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
+            x.addcmul_(step, p)
+            r.addcmul_(step, ap, value=-1.0)
+            rr_new = torch.where(active, torch.linalg.vecdot(r, r, dim=0), rr)
+            better = active & (rr_new < best_rr)
+            torch.where(better, x, best_x, out=best_x)
+            best_rr = torch.where(better, rr_new, best_rr)
+            done = done | (rr_new <= threshold) | ~active
+            beta = torch.where(active, rr_new / rr.clamp(min=tiny), 0.0)
+            p.mul_(beta).add_(r)
+            rr = rr_new
+    # A converged column's best iterate is its last one (its residual is the smallest so far and frozen).
+    residual = best_rr.sqrt()
+    if single:
+        return best_x[:, 0], residual[0]
+    return best_x, residual
