@@ -1,6 +1,7 @@
 """nn.Modules, one per functional op (forward = one call), plus the stateful ones."""
 
 from deepagg.nn.coweight import AGaussianEChannelPool
+from deepagg.nn.diffusion import Diffusion
 from deepagg.nn.embedding import FisherVectorPool, TEmbPool, VLADPool
 from deepagg.nn.heat import HeR, HeWPool
 from deepagg.nn.normalize import L2N, PowerNorm
@@ -16,6 +17,7 @@ __all__ = [
     "RMAC",
     "AGaussianEChannelPool",
     "CroW",
+    "Diffusion",
     "FisherVectorPool",
     "GeM",
     "HeR",
