@@ -19,6 +19,10 @@ YAML. **Adding a re-ranker is one module + one YAML, no edit here**: subclass ``
 ``requires`` names extra inputs the app does not provide yet (:data:`APP_EXTRAS`) is refused before any
 extraction, with their names.
 
+**Diffusion.** ``rerank=diffusion`` (global, Iscen et al. CVPR 2017) and ``rerank=regional_diffusion`` (R-MAC
+regions of the cached maps, :func:`region_extras`) build the mutual k-NN graph of the database once and save
+it under ``<cache_dir>/graphs/`` keyed by the descriptors' sha256, so later runs reuse it.
+
 **HeW centre.** A pool with ``fit_center`` and ``variant="hewr"`` (``pool=hew_hewr``) centres local features by
 the mean local feature of a training set (the authors' practice: the other dataset). Before any image is
 described, the app fits it on the backbone feature maps of the database images of the whitening training set
@@ -68,7 +72,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
+from deepagg.functional import l2n, rmac_grid, rmac_regions
 from deepagg.nn import Reranker, RerankState
+from deepagg.nn.diffusion import REGIONAL_EXTRAS
 from lightning_apps.extract import (
     RESIZE_METHODS,
     CacheEntryError,
@@ -119,9 +125,9 @@ MIN_SIDE = 32  # smallest long side (pixels) imsize * scale may ask for: below i
 STORES = ("maps", "descriptors")
 BATCHING = ("exact", "pad")
 WHITEN_FITS = ("learned", "pca")
-#: Names of the ``RerankState.extras`` this app can give a re-ranker (its ``requires``): none yet. Regional
-#: vectors, local features or a k-NN graph (diffusion, DSM) are added here and built in :func:`run`.
-APP_EXTRAS: frozenset[str] = frozenset()
+#: Names of the ``RerankState.extras`` this app can give a re-ranker (its ``requires``), built in :func:`run`:
+#: the R-MAC region vectors of the database and query images (regional diffusion), see :func:`region_extras`.
+APP_EXTRAS: frozenset[str] = frozenset(REGIONAL_EXTRAS)
 
 
 class ConfigError(ValueError):
@@ -493,14 +499,21 @@ def check_reranker(obj: Any, target: Any = None) -> Reranker:
     return obj
 
 
-def rank(q: torch.Tensor, db: torch.Tensor, rerank: Reranker | None, valid: torch.Tensor | None = None) -> torch.Tensor:
+def rank(
+    q: torch.Tensor,
+    db: torch.Tensor,
+    rerank: Reranker | None,
+    valid: torch.Tensor | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Rank by cosine similarity (ties to the lower database index), then apply the re-ranker.
 
     The re-ranker gets :meth:`RerankState.initial` of the queries and the valid database rows and returns the
     state after re-ranking; its rankings are mapped back to database indices. Database rows that are not
     ``valid`` (unreadable images) take no part in re-ranking (no query or database expansion, no HeR shortlist
     uses them) and come last in every ranking, in index order (when the re-ranker returns full rankings; after a
-    truncated ranking they are simply not listed, like every other unlisted image).
+    truncated ranking they are simply not listed, like every other unlisted image). ``extras`` go into the
+    state; those named ``db_*`` have one row per database image and are restricted to the valid rows too.
 
     Raises:
         ConfigError: If ``rerank`` is not a :class:`deepagg.Reranker` or requires extras the app lacks.
@@ -509,7 +522,8 @@ def rank(q: torch.Tensor, db: torch.Tensor, rerank: Reranker | None, valid: torc
     if rerank is not None:
         check_reranker(rerank)
     idx = torch.arange(db.shape[0]) if valid is None else torch.nonzero(valid).flatten()
-    state = RerankState.initial(q, db[idx])
+    given = {name: (t[idx] if name.startswith("db_") else t) for name, t in (extras or {}).items()}
+    state = RerankState.initial(q, db[idx], **given)
     if rerank is not None:
         with torch.no_grad():
             state = rerank.rerank(state)
@@ -524,6 +538,72 @@ def rank(q: torch.Tensor, db: torch.Tensor, rerank: Reranker | None, valid: torc
         return order
     rest = torch.nonzero(~valid).flatten()
     return torch.cat([order, rest.expand(q.shape[0], -1)], dim=1)
+
+
+class RegionVectors(torch.nn.Module):
+    """R-MAC region vectors of feature maps, zero-padded to ``r_max`` regions and flattened: ``(B, r_max * C)``.
+
+    A "pool" for :func:`lightning_apps.extract.pool_cached`, which wants one vector per image: the regions of
+    :func:`deepagg.functional.rmac_regions` (region 0 the whole map, then the Tolias grid, ``levels`` levels).
+    """
+
+    def __init__(self, r_max: int, levels: int = 3) -> None:
+        super().__init__()
+        self.r_max, self.levels = r_max, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = rmac_regions(x.float(), levels=self.levels)
+        assert isinstance(r, torch.Tensor)
+        out = r.new_zeros(r.shape[0], self.r_max, r.shape[2])
+        out[:, : r.shape[1]] = r[:, : self.r_max]
+        return out.flatten(1)
+
+
+def region_extras(
+    pipe: Pipeline, q_plans: list[list[ExtractionItem]], db_plans: list[list[ExtractionItem]], whiten: Any
+) -> dict[str, torch.Tensor]:
+    """The regional extras (:data:`APP_EXTRAS`): R-MAC region vectors of the query and database images.
+
+    From the cached feature maps of the first scale (``store=maps``): each region's MAC vector, L2-normalised,
+    whitened by the run's whitening (fitted on global descriptors, as cirtorch's and Iscen et al.'s regional
+    vectors) and L2-normalised again. ``*_regions`` are ``(N, R, D)``, zero rows for padding, ``*_region_mask``
+    ``(N, R)`` bool (a region whose MAC vector is all zero is dropped too).
+    """
+    sizes = {it.out_hw for plans in (q_plans[0], db_plans[0]) for it in plans}
+    r_max = max(len(rmac_grid(h, w)) for h, w in sizes)
+    pool = RegionVectors(r_max)
+    out: dict[str, torch.Tensor] = {}
+    for role, plans in (("q", q_plans[0]), ("db", db_plans[0])):
+        flat, bad = pool_cached(plans, pipe.cache, pool, batch_size=int(pipe.cfg.batch_size) * 8)
+        if bad:
+            raise RuntimeError(f"eval: {len(bad)} cached feature maps could not be read back for the region vectors.")
+        regions = flat.view(flat.shape[0], r_max, -1)
+        mask = regions.abs().sum(-1) > 0
+        regions = l2n(regions, dim=-1)
+        if whiten is not None:
+            if int(whiten.in_dim) != regions.shape[-1]:
+                raise ConfigError(
+                    f"eval: the whitening was fitted on {whiten.in_dim}-D pooled descriptors and cannot whiten the "
+                    f"{regions.shape[-1]}-D region vectors of regional diffusion; use a pool whose descriptor is "
+                    "the channel dimension (pool=rmac, gem, mac, spoc) or whiten=none."
+                )
+            with torch.no_grad():
+                white = whiten(regions[mask])
+            regions = regions.new_zeros(*regions.shape[:2], white.shape[1])
+            regions[mask] = white
+        out[f"{role}_regions"], out[f"{role}_region_mask"] = regions, mask
+    n_q, n_db = out["q_region_mask"].sum(1).float(), out["db_region_mask"].sum(1).float()
+    log.info("region vectors: %.1f per database image, %.1f per query", n_db.mean(), n_q.mean())
+    return out
+
+
+def set_graph_cache(rerank: Reranker | None, folder: Path) -> None:
+    """Point every diffusion stage without its own ``cache_dir`` at ``folder`` (the graphs live by the features)."""
+    if rerank is None:
+        return
+    for m in rerank.modules():
+        if hasattr(m, "cache_dir") and getattr(m, "cache_dir", None) is None and hasattr(m, "graph_k"):
+            m.cache_dir = folder
 
 
 def needs_center(pool: torch.nn.Module) -> bool:
@@ -778,6 +858,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     rerank = _instantiate(cfg.rerank, "rerank") if cfg.rerank.get("_target_") else None
     if rerank is not None:
         check_reranker(rerank, cfg.rerank.get("_target_"))
+        if rerank.requires and cfg.store != "maps":
+            raise ConfigError(
+                f"eval: rerank {type(rerank).__name__} needs region vectors {list(rerank.requires)}, which are "
+                f"computed from cached feature maps; set store=maps (got store={cfg.store})."
+            )
+        set_graph_cache(rerank, Path(cfg.cache_dir) / "graphs")
     center = needs_center(pool)
     learned = needs_fit(pool)
     in_channels = getattr(backbone, "out_channels", None)
@@ -828,10 +914,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         )
         log.info("pool %s fitted on %s%s", type(pool).__name__, train.name, " (cached)" if pool_cached_fit else "")
         pipe.pool_id = _module_id(pool, cfg.pool)  # the state_dict now holds the fit: new descriptor keys
-    q, q_fail = pipe.describe(pipe.plans(q_infos, ds.bbx))
+    q_plans, db_plans = pipe.plans(q_infos, ds.bbx), pipe.plans(db_infos, None)
+    q, q_fail = pipe.describe(q_plans)
     if q_fail:
         raise ImageReadError(f"eval: query images could not be read: {[str(ds.queries[i]) for i in q_fail][:5]}")
-    db, failures = pipe.describe(pipe.plans(db_infos, None))
+    db, failures = pipe.describe(db_plans)
     valid = torch.ones(ds.num_images, dtype=torch.bool)
     valid[list(failures)] = False
     whiten: Any = None
@@ -839,7 +926,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         whiten = fit_whitening(cfg, pipe, train, train_infos, db.shape[1])
         with torch.no_grad():
             db, q = whiten(db), whiten(q)
-    ranks = rank(q, db, rerank, valid)
+    extras = region_extras(pipe, q_plans, db_plans, whiten) if rerank is not None and rerank.requires else None
+    t_rank = time.perf_counter()
+    ranks = rank(q, db, rerank, valid, extras)
+    rank_seconds = time.perf_counter() - t_rank
     # Under DDP (a process group is up) every process scores its share; compute() gathers the list states. When
     # nothing had to be extracted no group was started, and this process scores every query itself.
     world, me = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed() else (1, 0)
@@ -872,6 +962,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "whiten_train": train.name if train is not None and whiten is not None else None,
         "whiten_dim": int(whiten.out_dim) if whiten is not None else None,
         "rerank": repr(rerank) if rerank is not None else "none",
+        "rank_seconds": round(rank_seconds, 3),
         "imsize": cfg.imsize,
         "scales": list(cfg.scales),
         "resize": cfg.resize,

@@ -494,8 +494,8 @@ BAD_OVERRIDES = [
     ),
     (
         ["+rerank._target_=tests.test_eval_app.NeedsRegions"],
-        r"re-ranker NeedsRegions requires extra inputs \['db_regions', 'knn_graph'\] \(its `requires`\) that this "
-        r"app cannot provide yet \(it provides none\)",
+        r"re-ranker NeedsRegions requires extra inputs \['knn_graph'\] \(its `requires`\) that this app cannot "
+        r"provide yet \(it provides \['db_region_mask', 'db_regions', 'q_region_mask', 'q_regions'\]\)",
     ),
 ]  # fmt: skip
 
@@ -764,7 +764,7 @@ def test_rank_checks_what_the_reranker_is_and_returns() -> None:
         app.rank(q, db, Floats(), valid)
     with pytest.raises(app.ConfigError, match=r"got torch\.nn\.modules\.linear\.Identity, which is not one"):
         app.rank(q, db, torch.nn.Identity(), valid)  # type: ignore[arg-type]
-    with pytest.raises(app.ConfigError, match=r"NeedsRegions requires extra inputs \['db_regions', 'knn_graph'\]"):
+    with pytest.raises(app.ConfigError, match=r"NeedsRegions requires extra inputs \['knn_graph'\]"):
         app.rank(q, db, NeedsRegions(), valid)
 
 
@@ -772,8 +772,8 @@ def _spy_rank(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
     real = app.rank
 
-    def spy(q, db, rerank, valid=None):  # type: ignore[no-untyped-def]
-        calls.append({"q": q, "db": db, "rerank": rerank, "ranks": real(q, db, rerank, valid)})
+    def spy(q, db, rerank, valid=None, extras=None):  # type: ignore[no-untyped-def]
+        calls.append({"q": q, "db": db, "rerank": rerank, "ranks": real(q, db, rerank, valid, extras)})
         return calls[-1]["ranks"]
 
     monkeypatch.setattr(app, "rank", spy)

@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +248,7 @@ class Diffusion(Reranker):
                     return torch.sparse_coo_tensor(
                         saved["indices"], saved["values"], (m, m), is_coalesced=True, check_invariants=False
                     )
-            except (OSError, RuntimeError, KeyError, EOFError) as err:
+            except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
                 log.warning("diffusion graph cache %s unreadable (%s); rebuilding it", path, err)
         a = mutual_knn_affinity(nodes, k=self.graph_k, gamma=self.gamma, backend=self.backend, index=self.index)
         if path is not None:
@@ -440,7 +441,7 @@ class Diffusion(Reranker):
         ranks = state.ranks
         if ranks.shape[1] < s.shape[1]:  # a truncated incoming ranking: the unlisted images follow, in index order
             listed = torch.zeros_like(s, dtype=torch.bool).scatter_(1, ranks, True)
-            rest = torch.argsort(listed.to(torch.int8), dim=1, stable=True)[:, ranks.shape[1] :]
+            rest = torch.argsort(listed.to(torch.int8), dim=1, stable=True)[:, : s.shape[1] - ranks.shape[1]]
             ranks = torch.cat([ranks, rest], dim=1)
         order = torch.argsort(s.gather(1, ranks), dim=1, descending=True, stable=True)
         return state.replace(ranks=ranks.gather(1, order))
