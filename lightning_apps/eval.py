@@ -218,6 +218,12 @@ def check_config(cfg: DictConfig) -> None:
         f"overwrite must be true or false; got {cfg.get('overwrite')!r}.",
     )
     need(_is_int(_plain(cfg.get("seed"))), f"seed must be an int; got {cfg.get('seed')!r}.")
+    save = _plain(cfg.get("save_descriptors", False))
+    need(save in (False, True, "regions"), f"save_descriptors must be false, true or regions; got {save!r}.")
+    need(
+        save != "regions" or _plain(cfg.get("store")) == "maps",
+        f"save_descriptors=regions computes region vectors from cached maps; set store=maps (got {cfg.get('store')}).",
+    )
     w = cfg.whiten
     if w.get("module") is not None:
         need(w.get("fit") in WHITEN_FITS, f"whiten.fit must be one of {list(WHITEN_FITS)}; got {w.get('fit')!r}.")
@@ -597,6 +603,22 @@ def region_extras(
     return out
 
 
+def save_descriptors(
+    out_dir: Path, q: torch.Tensor, db: torch.Tensor, valid: torch.Tensor, extras: dict[str, torch.Tensor] | None
+) -> Path:
+    """Write the final (whitened) descriptors of the run to ``out_dir/descriptors.pt``, atomically.
+
+    ``{"q": (Q, D), "db": (N, D), "valid": (N,) bool, "extras": {...}}``: what a user needs to try re-rankers or
+    plot their own curves (``lightning_apps.diffusion_figure`` reads it) without re-running the extraction.
+    """
+    path = out_dir / "descriptors.pt"
+    buf = io.BytesIO()
+    torch.save({"q": q, "db": db, "valid": valid, "extras": dict(extras or {})}, buf)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
 def set_graph_cache(rerank: Reranker | None, folder: Path) -> None:
     """Point every diffusion stage without its own ``cache_dir`` at ``folder`` (the graphs live by the features)."""
     if rerank is None:
@@ -927,6 +949,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         with torch.no_grad():
             db, q = whiten(db), whiten(q)
     extras = region_extras(pipe, q_plans, db_plans, whiten) if rerank is not None and rerank.requires else None
+    if cfg.get("save_descriptors") and trainer.is_global_zero:
+        if extras is None and cfg.save_descriptors == "regions":
+            extras = region_extras(pipe, q_plans, db_plans, whiten)
+        save_descriptors(Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir), q, db, valid, extras)
     t_rank = time.perf_counter()
     ranks = rank(q, db, rerank, valid, extras)
     rank_seconds = time.perf_counter() - t_rank

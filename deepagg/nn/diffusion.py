@@ -337,25 +337,44 @@ class Diffusion(Reranker):
         if self.mode == "transductive":
             f = self._transductive(q_nodes, q_mask)
         else:
-            if seeds is not None:
-                if seeds.ndim != 2 or seeds.shape != (m, nq):
-                    raise ShapeError(
-                        f"Diffusion.scores(): seeds must have shape (M, Q) = ({m}, {nq}) (one row per graph node, "
-                        f"one column per query); got {tuple(seeds.shape)}."
-                    )
-                y = seeds.to(nodes.dtype)
-            else:
-                kq = min(self.kq, m)
-                y = query_seeds(q_nodes, nodes, k=kq, gamma=self.gamma, mask=q_mask, variant=self.variant)
+            y = self.seeds(q_nodes, q_mask) if seeds is None else self._check_seeds(seeds, m, nq)
             if self.truncate is None:
                 f, _ = fit["operator"].solve(y, max_iter=self.max_iter, tol=self.tol)
             else:
                 f = self._truncated(q, y, shortlist)
+        return self.pool(f)
+
+    def _check_seeds(self, seeds: torch.Tensor, m: int, nq: int) -> torch.Tensor:
+        if seeds.ndim != 2 or seeds.shape != (m, nq):
+            raise ShapeError(
+                f"Diffusion.scores(): seeds must have shape (M, Q) = ({m}, {nq}) (one row per graph node, one column "
+                f"per query); got {tuple(seeds.shape)}."
+            )
+        return seeds.to(self._fitted["nodes"].dtype)  # type: ignore[index]
+
+    def seeds(self, q_nodes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Seeds :math:`(M, Q)`: eq. 7 (``q_nodes`` :math:`(Q, D)`) or eq. 8 (regions :math:`(Q, R, D)` + ``mask``)."""
+        if self._fitted is None:
+            raise RuntimeError("Diffusion.seeds(): call fit(db, ...) first.")
+        nodes: torch.Tensor = self._fitted["nodes"]
+        kq = min(self.kq, nodes.shape[0])
+        return query_seeds(q_nodes, nodes, k=kq, gamma=self.gamma, mask=mask, variant=self.variant)
+
+    def pool(self, f: torch.Tensor) -> torch.Tensor:
+        """Image scores :math:`(Q, N)` from node scores :math:`(M, Q)`: identity (global) or eq. 13 (regional)."""
+        if self._fitted is None:
+            raise RuntimeError("Diffusion.pool(): call fit(db, ...) first.")
+        fit = self._fitted
         node_image: torch.Tensor = fit["node_image"]
         w: torch.Tensor = fit["node_weight"].to(f.dtype)
-        out = torch.zeros(fit["n_images"], nq, dtype=f.dtype, device=f.device)
+        out = torch.zeros(fit["n_images"], f.shape[1], dtype=f.dtype, device=f.device)
         out.index_add_(0, node_image, f * w[:, None])
         return out.T
+
+    @property
+    def operator(self) -> DiffusionOperator | None:
+        """The prepared CG operator of the fitted graph (None before :meth:`fit`, with truncation, transductive)."""
+        return None if self._fitted is None else self._fitted.get("operator")
 
     def _truncated(self, q: torch.Tensor, y: torch.Tensor, shortlist: torch.Tensor | None) -> torch.Tensor:
         fit = self._fitted
