@@ -2,12 +2,11 @@ r"""The mutual k-NN graph of diffusion built by several processes, each searchin
 
 :func:`sharded_knn_lists` splits the :math:`N \times N` similarity search of
 :func:`deepagg.functional.diffusion.knn_lists` over the processes of a ``torch.distributed`` process group: rank
-``r`` of ``W`` computes the lists of its contiguous block of rows (:func:`row_block`: the rows split as evenly as
-possible, the first ``N mod W`` ranks one row more), and ``all_gather`` hands every block to every rank, which
-concatenates them in row order. Every rank returns the same ``(sims, idx)`` as ``knn_lists(x, k, **search)`` in one
-process (see *Exactness* below), and :func:`sharded_mutual_knn_affinity` turns them into the same sparse graph as
-:func:`deepagg.functional.diffusion.mutual_knn_affinity`. Without an initialised process group both simply run in
-the calling process.
+``r`` of ``W`` computes the lists of one contiguous block of rows (:func:`shard_rows`), and ``all_gather`` hands
+every block to every rank, which concatenates them in row order. Every rank returns the same ``(sims, idx)``, bit
+for bit, as ``knn_lists(x, k, **search)`` in one process, and :func:`sharded_mutual_knn_affinity` turns them into
+the same sparse graph as :func:`deepagg.functional.diffusion.mutual_knn_affinity`. Without an initialised
+process group both simply run in the calling process.
 
 **Assumption: every rank holds the whole** ``x`` (the same :math:`N \times D` descriptors, in the same order). The
 descriptors fit in memory; what is split is the :math:`O(N^2 D)` search, whose work per rank is
@@ -38,15 +37,21 @@ gloo, the current CUDA device (``torch.cuda.current_device()``, which Lightning 
 ``x``'s own device otherwise; the results come back on the device of ``x``. Every rank must make the call, with
 the same arguments.
 
-**Exactness.** With ``backend="torch"`` the lists of a row are exact (ties to the lower index) whatever block it is
-searched in, *up to the last bit of the similarities*: BLAS does not promise that a row's dot products are
-bit-identical in GEMMs of different heights. Measured with MKL on CPU, blocks of 12 rows or more are, and blocks
-of 1 to 11 rows may differ by one ulp; cuBLAS picks kernels by shape, so on GPUs expect last-bit differences.
-Where they occur, two neighbours whose similarities differ by about one ulp may swap places, or trade the k-th
-place. ``backend="faiss"`` builds its index on every rank: ``index="flat"`` is exact; ``"ivf"`` trains with
-faiss's fixed seed, hence the same index on every rank; ``"hnsw"`` is built with several threads and may come
-out differently on different ranks, so the gathered lists are approximate lists of several slightly different
-indexes.
+**Blocks are whole chunks, for exactness.** ``knn_lists`` searches its rows in chunks (``chunk_size`` rows; by
+default about 128 MB of similarities per chunk with the torch backend, so a single chunk when
+:math:`N \le 5792`, and 16384 rows with faiss). The ranks split these *chunks*, as evenly as possible, so that
+every matrix product (or faiss search) a rank runs is one the single process runs too, on the same rows. An even
+split of the *rows* would not be exact: BLAS does not promise that a row's dot products come out bit-identical in
+products of different heights (measured with MKL on a 2-core AMD CPU: float64 blocks of 150 rows differ from the
+301-row product in the last bit, float32 blocks of 1 to 11 rows do; cuBLAS picks kernels by shape), and a last-bit
+change can swap two neighbours that are that close or trade the k-th place. The price: with fewer chunks than
+ranks some ranks have nothing to do (in particular one rank does all of a small graph, :math:`N \le 5792`, by
+default); pass ``chunk_size`` to split finer (the single-process result with the same ``chunk_size`` is the one
+matched). Bit-identical also needs the same BLAS threads per process as the single process had: MKL rounds the
+small products (a chunk of a few rows) differently with 1 and 2 threads, and ``torchrun`` starts its processes
+with ``OMP_NUM_THREADS=1``. ``backend="faiss"`` builds its index on every rank: ``index="flat"`` is exact;
+``"ivf"`` trains with faiss's fixed seed; ``"hnsw"`` is built with several threads and may come out differently
+on different ranks, so the gathered lists are then approximate lists of slightly different indexes.
 
 **Descriptors that do not fit one machine** (not implemented). Each rank would hold one shard of the database, and
 the search would be faiss's: every rank indexes its own shard (flat, IVF or HNSW, on CPU or GPU) and searches
@@ -71,49 +76,71 @@ import torch
 import torch.distributed as dist
 
 from deepagg._checks import check_floating, check_int, check_shape
+from deepagg.functional import diffusion
 from deepagg.functional.diffusion import knn_lists, mutual_knn_affinity
 
-__all__ = ["row_block", "sharded_knn_lists", "sharded_mutual_knn_affinity"]
+__all__ = ["shard_rows", "sharded_knn_lists", "sharded_mutual_knn_affinity"]
 
 #: ``search`` keywords of ``knn_lists`` that the sharding itself chooses.
 _RESERVED = ("rows", "queries")
 #: Tolerance of the fingerprint comparison, relative to the sums' magnitudes (equal data gives equal bits on
 #: equal hardware; different descriptors differ by about :math:`1/\sqrt{N D}`, far more).
 _FINGERPRINT_RTOL = 1e-9
+#: Rows per search of ``knn_lists``'s faiss backend when ``chunk_size`` is not given (``_faiss_knn``).
+_FAISS_CHUNK_ROWS = 16384
 
 
-def row_block(n: int, *, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous block ``(start, stop)`` of ``n`` rows that rank ``rank`` of ``world_size`` processes owns.
+def shard_rows(n: int, *, rank: int, world_size: int, chunk: int = 1) -> tuple[int, int]:
+    """The contiguous rows ``(start, stop)`` that rank ``rank`` of ``world_size`` processes searches.
 
-    The rows are split as evenly as possible: the first ``n % world_size`` ranks get one row more than the others;
-    the blocks are in rank order and cover ``range(n)`` exactly once. A rank gets an empty block when
-    ``n < world_size``.
+    The ``n`` rows are cut into chunks of ``chunk`` rows (the last one shorter) and the chunks are split as evenly
+    as possible in rank order: the first ``n_chunks % world_size`` ranks get one chunk more than the others. The
+    blocks cover ``range(n)`` exactly once; a rank gets an empty block when there are fewer chunks than ranks.
+    ``chunk=1`` splits the rows themselves as evenly as possible.
 
     Args:
         n: Number of rows, ``>= 0``.
         rank: This process's rank, ``0 <= rank < world_size``.
         world_size: Number of processes, ``>= 1``.
+        chunk: Rows per chunk, ``>= 1``.
 
     Returns:
         ``(start, stop)`` with ``0 <= start <= stop <= n``.
 
     Raises:
         TypeError: If an argument is not an int.
-        ValueError: If ``n < 0``, ``world_size < 1`` or ``rank`` is not in ``[0, world_size)``.
+        ValueError: If ``n < 0``, ``world_size < 1``, ``chunk < 1`` or ``rank`` is not in ``[0, world_size)``.
 
     Example:
-        >>> [row_block(7, rank=r, world_size=3) for r in range(3)]
+        >>> [shard_rows(7, rank=r, world_size=3) for r in range(3)]
         [(0, 3), (3, 5), (5, 7)]
+        >>> [shard_rows(10, rank=r, world_size=2, chunk=3) for r in range(2)]  # chunks of 3, 3, 3 and 1 rows
+        [(0, 6), (6, 10)]
     """
-    fn = "row_block"
+    fn = "shard_rows"
     n = check_int(n, name="n", fn=fn, minimum=0)
     world_size = check_int(world_size, name="world_size", fn=fn, minimum=1)
     rank = check_int(rank, name="rank", fn=fn, minimum=0)
+    chunk = check_int(chunk, name="chunk", fn=fn, minimum=1)
     if rank >= world_size:
         raise ValueError(f"{fn}(): rank must be < world_size = {world_size}; got rank = {rank}.")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    base, extra = divmod(-(-n // chunk), world_size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (1 if rank < extra else 0)
+    return min(first * chunk, n), min(last * chunk, n)
+
+
+def _chunk_rows(n: int, search: dict[str, Any], fn: str) -> int:
+    """Rows per chunk of ``knn_lists(x, k, **search)`` over all ``n`` rows in one process.
+
+    Mirrors ``_exact_knn`` (``CHUNK_ENTRIES // n`` rows, at least 1, at most n) and ``_faiss_knn`` (16384 rows).
+    """
+    given = search.get("chunk_size")
+    if given:
+        return check_int(given, name="chunk_size", fn=fn, minimum=1)
+    if search.get("backend", "torch") == "faiss":
+        return _FAISS_CHUNK_ROWS
+    return max(1, min(n, diffusion.CHUNK_ENTRIES // max(n, 1)))
 
 
 def _group_rank_and_size(group: Any, fn: str) -> tuple[int, int] | None:
@@ -192,15 +219,19 @@ def _gather_blocks(t: torch.Tensor, sizes: list[int], group: Any, device: torch.
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(t.device, t.dtype)
 
 
-def sharded_knn_lists(x: torch.Tensor, k: int, *, group: Any = None, **search: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def sharded_knn_lists(
+    x: torch.Tensor, k: int, *, group: Any = None, **search: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The graph's k-NN lists of all rows of ``x``, each process of ``group`` searching a block of rows.
 
     Iscen et al., CVPR 2017, eq. 6 (see :mod:`deepagg.functional.diffusion`). With an initialised
-    ``torch.distributed`` process group, rank ``r`` computes ``knn_lists(x, k, rows=row_block(N, rank=r, ...),
-    **search)`` and the blocks are gathered to every rank in row order; without one, this is
-    ``knn_lists(x, k, **search)``. Every rank must call it with the same ``x`` (all N rows), ``k`` and ``search``;
-    different ``x`` or ``k`` make every rank raise. The lists are :math:`\mathrm{NN}_k(i)` over :math:`j \ne i`,
-    best first, ties to the lower index (torch backend); see the module's notes on exactness across block sizes.
+    ``torch.distributed`` process group, rank ``r`` of ``W`` computes ``knn_lists(x, k, rows=shard_rows(N, rank=r,
+    world_size=W, chunk=c), chunk_size=c, **search)``, with ``c`` the rows per chunk of the single-process search
+    (``chunk_size``, or its default), and the blocks are gathered to every rank in row order: every rank returns
+    ``knn_lists(x, k, **search)``, bit for bit (module notes: with fewer chunks than ranks, some ranks idle).
+    Without a process group, this is ``knn_lists(x, k, **search)`` in the calling process. Every rank must call it
+    with the same ``x`` (all N rows), ``k`` and ``search``; different ``x`` or ``k`` make every rank raise. The
+    lists are :math:`\mathrm{NN}_k(i)` over :math:`j \ne i`, best first, ties to the lower index (torch backend).
 
     Args:
         x: All database rows :math:`(N, D)`, floating point (unit rows for cosine similarity), on every rank.
@@ -215,8 +246,8 @@ def sharded_knn_lists(x: torch.Tensor, k: int, *, group: Any = None, **search: A
     Raises:
         ShapeError: If ``x`` is not 2-D.
         DTypeError: If ``x`` is not floating point.
-        ValueError: If ``k`` is not in ``[1, N)``, ``search`` holds ``rows`` or ``queries``, this process is not
-            in ``group``, or ``x`` or ``k`` differ across the ranks.
+        ValueError: If ``k`` is not in ``[1, N)``, ``search`` holds ``rows`` or ``queries`` or a negative
+            ``chunk_size``, this process is not in ``group``, or ``x`` or ``k`` differ across the ranks.
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
@@ -238,14 +269,15 @@ def sharded_knn_lists(x: torch.Tensor, k: int, *, group: Any = None, **search: A
             f"{fn}(): {', '.join(reserved)} cannot be passed: each rank searches its own block of rows of x; "
             "call knn_lists directly for a row range or for queries."
         )
+    chunk = _chunk_rows(n, search, fn)
     placement = _group_rank_and_size(group, fn)
     if placement is None:
         return knn_lists(x, k, **search)
     rank, world = placement
     device = _comm_device(x.device, group)
     _check_same_input(x, k, group, world, device, fn)
-    blocks = [row_block(n, rank=r, world_size=world) for r in range(world)]
-    sims, idx = knn_lists(x, k, rows=blocks[rank], **search)
+    blocks = [shard_rows(n, rank=r, world_size=world, chunk=chunk) for r in range(world)]
+    sims, idx = knn_lists(x, k, rows=blocks[rank], **{**search, "chunk_size": chunk})
     sizes = [stop - start for start, stop in blocks]
     return _gather_blocks(sims, sizes, group, device), _gather_blocks(idx, sizes, group, device)
 

@@ -141,6 +141,7 @@ def _faiss_knn(
 
     n, d = x.shape
     xb = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    ix: Any
     if index == "flat":
         ix = faiss.IndexFlatIP(d)
     elif index == "hnsw":
@@ -197,7 +198,9 @@ def knn_lists(
 
     Without ``queries`` these are the graph's lists :math:`\mathrm{NN}_k(i)` over :math:`j \ne i` for the rows
     ``rows = (start, stop)`` of ``x`` (all rows by default; a row range is what one process computes when graph
-    construction is sharded). With ``queries`` they are the neighbours of each query row among all of ``x``.
+    construction is sharded, see :mod:`deepagg.distributed`, which cuts ranges on this function's own chunk
+    grid so that the gathered lists are bit-identical to one process's: BLAS rounds blocks of other heights
+    differently). With ``queries`` they are the neighbours of each query row among all of ``x``.
     ``backend="torch"`` is exact, with ties to the lower index, in chunks of rows so that memory stays
     :math:`O(Rk)` plus one chunk of similarities. ``backend="faiss"`` searches a faiss index of ``x``
     (``index="flat"``: exact, ties in faiss' order; ``"ivf"`` with ``nlist``/``nprobe`` and ``"hnsw"`` with

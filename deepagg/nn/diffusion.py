@@ -159,7 +159,9 @@ class Diffusion(Reranker):
         self.kq = _int_or_none(kq, "kq", cls, 1) or (200 if regional else 10)
         self.gamma = _float_in(gamma, "gamma", cls, 0.0)
         self.alpha = _float_in(alpha, "alpha", cls, 0.0, 1.0)
-        self.max_iter = _int_or_none(max_iter, "max_iter", cls, 0)
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+            raise ValueError(f"{cls}(): max_iter must be an int >= 0; got {max_iter!r}.")
+        self.max_iter = int(max_iter)
         self.tol = float(tol)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"{cls}(): tol must be a finite float >= 0; got {tol!r}.")
