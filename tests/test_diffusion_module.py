@@ -42,7 +42,8 @@ def test_global_scores_are_the_functional_pipeline() -> None:
     d = Diffusion(k=8, kq=5)
     got = d(q, db)
     torch.testing.assert_close(got, _reference_global(q, db, 8, 5), rtol=1e-10, atol=1e-12)
-    assert d.graph is not None and d.graph.shape == (120, 120)
+    assert d.graph is not None
+    assert d.graph.shape == (120, 120)
 
 
 def test_rerank_sorts_by_score_and_keeps_incoming_order_on_ties() -> None:
@@ -100,7 +101,8 @@ def test_truncation_solves_each_query_on_its_shortlist() -> None:
         dm = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
         s = dm[:, None] * ds * dm[None]
         ref = diffusion_scores(ds, y[sub, i])  # same CG iterates, the sub-graph on its own
-        assert ref is not None and s.shape == (t, t)
+        assert ref is not None
+        assert s.shape == (t, t)
         torch.testing.assert_close(got[i, sub], ref, rtol=1e-9, atol=1e-12)
         outside = torch.ones(120, dtype=torch.bool)
         outside[sub] = False
@@ -144,8 +146,8 @@ def test_regional_needs_its_extras() -> None:
 
 
 def test_regional_reduction_keeps_at_most_n_unit_means_per_image() -> None:
-    q, db = _data(n=40)
-    reg, mask, qreg, qmask = _regions(40, 2, r=8)
+    _q, db = _data(n=40)
+    reg, mask, _qreg, _qmask = _regions(40, 2, r=8)
     d = Diffusion(regional=True, reduce_regions=3)
     assert (d.k, d.kq) == (50, 200)  # the paper's k with GMM reduction
     assert (Diffusion(regional=True).k, Diffusion().k, Diffusion().kq) == (200, 50, 10)
@@ -177,7 +179,7 @@ def test_transductive_is_another_method_and_named() -> None:
 
 
 def test_iscen_variant_counts_self_in_k() -> None:
-    q, db = _data()
+    _q, db = _data()
     d = Diffusion(k=8, kq=5, variant="iscen").fit(db)
     assert d.graph_k == 7
     assert int((d.graph.to_dense() > 0).sum(1).max()) <= 7  # type: ignore[union-attr]
@@ -204,7 +206,7 @@ def test_scores_before_fit_is_an_error() -> None:
 
 
 def test_k_must_be_below_the_number_of_nodes() -> None:
-    q, db = _data(n=20)
+    _q, db = _data(n=20)
     with pytest.raises(ValueError, match=r"k must be < the number of graph nodes 20 .* got k = 20"):
         Diffusion(k=20, kq=5).fit(db)
     with pytest.raises(ValueError, match=r"got k = 21 \(k - 1 neighbours in variant iscen\)"):
@@ -237,7 +239,8 @@ def test_graph_cache_is_written_once_and_reused(tmp_path: Path, monkeypatch: pyt
     q, db = _data()
     first = Diffusion(k=8, kq=5, cache_dir=tmp_path)(q, db)
     files = list(tmp_path.glob("*.pt"))
-    assert len(files) == 1 and "-k8-g3-torch-flat" in files[0].name
+    assert len(files) == 1
+    assert "-k8-g3-torch-flat" in files[0].name
     import deepagg.nn.diffusion as mod
 
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
