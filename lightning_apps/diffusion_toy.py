@@ -6,49 +6,67 @@ Usage::
         [--k 10] [--kq 10] [--gamma 3] [--alpha 0.99] [--iters 300] [--tol 1e-8] [--sigma 0.15]
         [--panel 400] [--grid 200] [--seed 0] [--out diffusion_toy.png]
 
-**Data.** Two interleaved manifolds of ``--points`` points each, A and B (two half-moons, or two spirals), with
-Gaussian noise ``--noise``; the query is the noiseless point of A at fraction ``--at`` of its length (the tip of
-moon A that lies in the hollow of moon B, by default), the second query of the "multiple queries" panel the
+**What it shows.** Three panels over the same plane: (a) plain nearest-neighbour search, the similarity of
+every point z of the plane to the query q; (b) diffusion from the same query on the mutual k-NN graph; (c)
+diffusion from two queries, one on each manifold (the paper's "multiple queries"). Database points are blue,
+the queries red, their kq nearest neighbours (the non-zero entries of the seed vector y, eq. 7) green. The shade
+and the contour lines show the ranking score any point of the plane would get: plain NN spreads in circles
+around the query and takes in the other manifold; diffusion follows the query's own manifold.
+
+**Data.** Two interleaved manifolds A and B of ``--points`` points each, uniform along their length plus
+Gaussian noise ``--noise``: two spiral arms (default; radius 1, 1.5 turns each, B is A turned by pi) or two
+half-moons (radius 1). The query is the noiseless point of A at fraction ``--at`` of its length (middle of the
+spiral arm, or the tip of moon A in the hollow of moon B, by default); the second query of panel (c) is the
 same point of B.
 
-**Embedding.** The library's similarity is an inner product of unit vectors under the monomial kernel
+**Embedding.** The library's similarity is the inner product of unit vectors under the monomial kernel
 :math:`\max(x^\top z, 0)^\gamma`, so a 2-D point :math:`p` is mapped to a unit vector whose inner products are
 a Gaussian of the distance: :math:`\phi(p)_c = \exp(-|p - c|^2 / \sigma^2)` over a regular grid of centres
-:math:`c` (spacing :math:`\sigma / \sqrt 2`, covering the plot), normalised to unit norm. The grid sum is a
-quadrature of a Gaussian convolution, so :math:`\phi(p)^\top \phi(p') = \exp(-|p - p'|^2 / 2\sigma^2)` up to a
-relative error of about 1e-4 (deterministic, no random features), and the kernel is
-:math:`\exp(-\gamma |p - p'|^2 / 2\sigma^2)`: nearest neighbours by inner product are nearest neighbours in
-the plane.
+:math:`c` (spacing :math:`\sigma / \sqrt 2`, covering the plot with a 3 sigma margin; about 1300 dimensions by
+default), normalised to unit norm. The grid sum is a quadrature of a Gaussian convolution, so
+:math:`\phi(p)^\top \phi(p') = \exp(-|p - p'|^2 / 2\sigma^2)` up to a relative error below 1e-3
+(deterministic, no random features). The similarity is then :math:`\exp(-\gamma |p - p'|^2 / 2\sigma^2)`:
+nearest neighbours by inner product are nearest neighbours in the plane, and similarities fall to 0 a few
+sigma away.
 
 **Scores.** Everything goes through :mod:`deepagg.functional.diffusion`: the graph is
-``mutual_knn_affinity(x, k, gamma)`` (eqs. 1, 5, 6), the seeds ``y = query_seeds(q, x, k=kq, gamma)`` (eq. 7;
-their kq points are drawn green), the scores ``f = diffusion_scores(A, y, alpha, max_iter=--iters, tol=--tol)``
-(eq. 4, conjugate gradient with 300 iterations and tol 1e-8 by default instead of the library's 20 / 1e-6, so
-that the picture shows the converged solution; the residual is printed). Two queries (eq. 8) seed
-``y = y(q1) + y(q2)``, the sum of their eq.-7 vectors (``query_seeds`` with both points as regions of one query
-would then keep only the kq largest entries, section 5.1, i.e. about half of each query's neighbours).
+``mutual_knn_affinity(x, k=k, gamma=gamma)`` (eqs. 1, 5, 6), the seeds ``query_seeds(q, x, k=kq,
+gamma=gamma)`` (eq. 7), the scores ``f = diffusion_scores(A, y, alpha=alpha, max_iter=iters, tol=tol)``
+(eq. 4; alpha 0.99 as in the paper; conjugate gradient with 300 iterations and tol 1e-8 by default instead of
+the library's 20 and 1e-6, so that the picture shows the converged solution: the relative residual, about
+1e-8, is printed and in the caption). Two queries (eq. 8) seed ``y = y(q1) + y(q2)``, the sum of their eq.-7
+vectors (``query_seeds`` with the two points as regions of one query would also keep only the kq largest
+entries of the sum, section 5.1: about half of each query's neighbours).
 
-**Score of a point of the plane** (the contours). Plain NN: :math:`s(z | q) = \max(\phi(z)^\top \phi(q), 0)^\gamma`,
-the similarity to the query (circles around it). Diffusion: eq. 7 read in reverse,
-:math:`g(z) = \sum_i s_{k_q}(x_i | z) f_i = y(z)^\top f`, where :math:`y(z)` = ``query_seeds(z, x, k=kq)`` is the
-seed vector that z itself would get: the kernel-weighted sum of the diffusion scores of its kq nearest
-database points. It is what z would score if it were linked to its kq nearest database points, and it fades
-away from the data, as :math:`s(z | q)` does away from the query. Each panel is shaded by the rank that a
-point z would take in the database's ranking by the same function (its score against those of the N database
-points evaluated the same way), from dark (rank 1) to white (rank N/2 = \|A\| and below); the contour lines
-are the top 5 %, 25 % (\|A\|/2) and 50 % (\|A\|) of the database. The score is computed on ``--grid`` samples
-across a panel and interpolated bilinearly (as a rank) to the pixels.
+**Score of a point z of the plane** (shade and contours). Plain NN: :math:`s(z | q) =
+\max(\phi(z)^\top \phi(q), 0)^\gamma`, the similarity to the query. Diffusion: eq. 7 read in reverse,
+:math:`g(z) = \sum_i s_{k_q}(x_i | z) f_i = y(z)^\top f`, where :math:`y(z)` = ``query_seeds(z, x, k=kq)`` is
+the seed vector z itself would get as a query: the diffusion scores of its kq nearest database points,
+weighted by its similarities to them. Nothing is interpolated between manifolds: g fades away from the
+data as :math:`s(z | q)` fades away from the query, and it is 0 where z's kq nearest points all score 0.
 
-**Summary.** One line on stdout: for the query on A, the fraction of A points among the top \|A\|/2 of the
-database by plain NN (:math:`s(x_i | q)`) and by diffusion (:math:`f_i`), and the CG residual; then the output
-path. The PNG is written atomically. Bad arguments are one line on stderr and exit code 2.
+Each panel is shaded by the rank z would take among the N database points scored by the same function
+(:math:`s(x_i | q)`, or :math:`g(x_i)`, which differs from :math:`f_i` by the weighted sum over the
+neighbours, so the plane and the database are on one scale): dark orange for rank 1, white from rank
+N/2 = |A| on. The contour lines are the scores of the database points ranked 5 %, 25 % (|A|/2) and 50 %
+(|A|) of N: inside a line, z would enter that top. The scores are computed on ``--grid`` x 3/4 ``--grid``
+samples of the plotted plane; the shade is drawn with bilinear interpolation between them and the contour lines
+are traced on their logarithm (matplotlib, Agg backend).
+
+**Summary.** One line on stdout: for the query on A, the fraction of A points among the top |A|/2 of the
+database by plain NN (:math:`s(x_i | q)`) and by diffusion (:math:`f_i`, the library's ranking); for the two
+queries, the fraction of B points among the top |A|/2; the parameters and the CG residual. Then the output
+path. The PNG is written atomically. Bad arguments are one line on stderr and exit code 2 (argparse's own
+usage errors, e.g. a non-integer ``--points``, exit with 2 as well).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,11 +74,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from deepagg._io import atomic_write
 from deepagg.functional.diffusion import diffusion_scores, mutual_knn_affinity, query_seeds
-from lightning_apps.hew_figure import HewFigureError, cli_main, load_font, wrap_text
+from lightning_apps.hew_figure import HewFigureError, cli_main
 
 __all__ = [
     "DATASETS",
@@ -68,9 +86,11 @@ __all__ = [
     "Toy",
     "ToyResult",
     "compute",
+    "contour_levels",
     "figure_size",
     "main",
     "make_toy",
+    "rank_fraction",
     "render",
     "top_fraction",
     "unit_embedding",
@@ -82,18 +102,18 @@ DEFAULT_NOISE = {"moons": 0.07, "spirals": 0.035}
 DEFAULT_AT = {"moons": 0.1, "spirals": 0.45}
 RANK_LEVELS = (0.05, 0.25, 0.5)
 """Contour lines: the score of the database point at these fractions of the ranking (0.25 N = |A|/2)."""
-MIN_PANEL = 240  # narrower and the titles do not fit their three lines
+MIN_PANEL = 300  # narrower and the titles do not fit their four lines
 MARGIN = 10
 HEADER_H = 46  # two lines of the figure title
-TITLE_H = 62  # three lines of a panel title
-FOOTER_H = 92  # the legend row and three caption lines
+TITLE_H = 76  # four lines of a panel title
+FOOTER_H = 92  # the legend row and four caption lines
 MAX_DIM = 20000  # embedding dimensions (centres) beyond which --sigma is too small for the plot
 CHUNK = 4096  # plane points per query_seeds call
 
-BLUE = (40, 90, 220)
-GREEN = (20, 170, 60)
-RED = (225, 20, 20)
-CONTOUR_RGB = (60, 60, 60)
+DPI = 100
+BLUE = "#2857dc"
+GREEN = "#14aa3c"
+RED = "#e11414"
 # Shade of a rank: white (rank N/2 and below) through light yellow and orange to a dark orange (rank 1).
 _SHADE_T = np.array([0.0, 0.35, 0.7, 1.0])
 _SHADE_RGB = np.array([[255, 255, 255], [255, 238, 170], [250, 170, 80], [205, 95, 25]], float)
@@ -125,7 +145,8 @@ class ToyResult:
     r"""Scores of the database and of the plane, per panel (NN, diffusion, diffusion with two queries).
 
     Attributes:
-        db_scores: Per panel, the score function evaluated at the database points, :math:`(N,)` each.
+        db_scores: Per panel, the panel's score function at the database points, :math:`(N,)` each:
+            :math:`s(x_i | q)`, then :math:`g(x_i) = y(x_i)^\top f` for the two diffusions.
         grid_scores: Per panel, the score of the plane's grid points, :math:`(G_y, G_x)` each.
         seeds: Per panel, the indices of the database points with a non-zero seed (the kq-NN of the queries).
         nn: Plain NN similarity :math:`s(x_i | q)` of the database to the query on A, :math:`(N,)`.
@@ -225,8 +246,9 @@ def unit_embedding(p: np.ndarray, centres: tuple[np.ndarray, np.ndarray], sigma:
     Example:
         >>> c = _centres((-1.0, -1.0, 1.0, 1.0), 0.5)
         >>> e = unit_embedding(np.array([[0.0, 0.0], [0.3, 0.4]]), c, 0.5)
-        >>> round(float(e[0] @ e[1]), 4), round(math.exp(-0.25 / (2 * 0.25)), 4)
-        (0.6065, 0.6065)
+        >>> k = float(e[0] @ e[1])  # |p - p'| = 0.5 = sigma: exp(-1/2) = 0.6065
+        >>> round(k, 3), abs(k - math.exp(-0.5)) < 1e-3
+        (0.606, True)
     """
     xs, ys = centres
     dx = (p[:, :1] - xs[None, :]) ** 2
@@ -309,7 +331,7 @@ def compute(
     y_each = query_seeds(q, x, k=kq, gamma=gamma)  # (N, 2): eq. 7 for the query on A, and for the one on B
     y = torch.stack([y_each[:, 0], y_each.sum(1)], dim=1)  # one query; two queries (eq. 8, summed)
     f, res = diffusion_scores(a, y, alpha=alpha, max_iter=iters, tol=tol, return_residual=True)
-    residual = float((res / y.norm(dim=0)).max())
+    residual = float((res / y.norm(dim=0).clamp(min=torch.finfo(y.dtype).tiny)).max())
     nn = (x @ q[0]).clamp(min=0).pow(gamma)
 
     # The plane: s(z | q) for NN, y(z)^T f for diffusion (eq. 7 read in reverse); the database points too.
@@ -368,128 +390,143 @@ def rank_fraction(values: np.ndarray, db_scores: np.ndarray) -> np.ndarray:
 
 
 def _shade(rank: np.ndarray) -> np.ndarray:
-    """RGB of a rank fraction: dark orange at 0, white from 0.5 on."""
+    """RGB in [0, 1] of a rank fraction: dark orange at 0, white from 0.5 on."""
     t = np.clip(1.0 - np.asarray(rank) / 0.5, 0.0, 1.0)
-    return np.stack([np.interp(t, _SHADE_T, _SHADE_RGB[:, c]) for c in range(3)], axis=-1)
+    return np.stack([np.interp(t, _SHADE_T, _SHADE_RGB[:, c]) for c in range(3)], axis=-1) / 255.0
 
 
-def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a float map to ``size = (W, H)`` (samples at pixel centres)."""
-    img = Image.fromarray(values.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.float64)
-
-
-def _heat_panel(grid_scores: np.ndarray, db_scores: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """The shaded rank map with contour lines at :data:`RANK_LEVELS`, ``size = (W, H)`` pixels.
-
-    The log of the grid's scores is interpolated to the pixels (a score of 0 is taken as the smallest positive
-    score seen), then each pixel is ranked among the database scores (:func:`rank_fraction`).
-    """
+def _log_scores(grid_scores: np.ndarray, db_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logs of the scores, a score of 0 taken as the smallest positive one seen (monotone: ranks unchanged)."""
     both = np.concatenate([grid_scores.ravel(), db_scores])
     positive = both[both > 0]
     floor = float(positive.min()) if positive.size else 1.0
-    log_db = np.log(np.maximum(db_scores, floor))
-    r = rank_fraction(_upsample(np.log(np.maximum(grid_scores, floor)), size), log_db)
-    rgb = _shade(r)
-    level = np.searchsorted(np.array(RANK_LEVELS), r, side="right")  # 0: inside the top 5 %, ..., 3: outside 50 %
-    edge = np.zeros(level.shape, dtype=bool)
-    edge[:, 1:] |= level[:, 1:] != level[:, :-1]
-    edge[1:, :] |= level[1:, :] != level[:-1, :]
-    rgb[edge] = CONTOUR_RGB
-    return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8), mode="RGB")
+    return np.log(np.maximum(grid_scores, floor)), np.log(np.maximum(db_scores, floor))
 
 
-def _dot(draw: ImageDraw.ImageDraw, xy: tuple[float, float], r: float, fill: tuple[int, int, int]) -> None:
-    draw.ellipse((xy[0] - r, xy[1] - r, xy[0] + r, xy[1] + r), fill=fill, outline=(0, 0, 0) if r > 2.5 else None)
+def contour_levels(db_scores: np.ndarray) -> list[tuple[float, float]]:
+    """``(rank level, score)`` of each of :data:`RANK_LEVELS` whose m-th best database score is positive.
+
+    The score of the database point ranked ``m = ceil(level N)``: a point scoring at least that enters the top m.
+
+    Example:
+        >>> contour_levels(np.array([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]))
+        [(0.05, 8.0), (0.25, 6.0), (0.5, 4.0)]
+    """
+    ordered = np.sort(np.asarray(db_scores, dtype=np.float64))[::-1]
+    out = []
+    for level in RANK_LEVELS:
+        m = max(1, math.ceil(level * ordered.size))
+        if ordered[m - 1] > 0:
+            out.append((level, float(ordered[m - 1])))
+    return out
 
 
 def figure_size(panel: int, panels: int = 3) -> tuple[int, int]:
-    """``(width, height)`` in pixels of the figure with ``panels`` panels of ``panel`` px width (4:3 plots)."""
+    """``(width, height)`` in pixels of the figure with ``panels`` plots of ``panel`` px width (4:3 plots)."""
     return panels * (panel + 2 * MARGIN), HEADER_H + TITLE_H + panel * 3 // 4 + FOOTER_H
 
 
-def _text(
-    draw: ImageDraw.ImageDraw,
-    xy: tuple[int, int],
-    text: str,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    width: int,
-    lines: int,
-    step: int,
-) -> None:
-    """``text`` wrapped to ``width`` px, at most ``lines`` lines (a last line that does not fit ends in '...')."""
-    wrapped = wrap_text(draw, text, font, width)
+def _wrap(text: str, width_px: float, size_pt: float, lines: int) -> str:
+    """``text`` wrapped to about ``width_px`` at ``size_pt`` (DejaVu Sans: ~0.55 em a character), ``lines`` at most."""
+    chars = max(10, int(width_px / (0.55 * size_pt * DPI / 72)))
+    wrapped = textwrap.wrap(text, chars)
     if len(wrapped) > lines:
         wrapped = [*wrapped[: lines - 1], wrapped[lines - 1] + " ..."]
-    for i, line in enumerate(wrapped):
-        draw.text((xy[0], xy[1] + step * i), line, fill=(0, 0, 0), font=font)
+    return "\n".join(wrapped)
 
 
-def render(toy: Toy, result: ToyResult, *, panel: int, titles: Sequence[str], header: str, caption: str) -> Image.Image:
-    """The figure: one shaded, contoured panel per score, with the points on top.
+_LINESTYLES = ("solid", "dashed", "dotted")
+
+
+def render(toy: Toy, result: ToyResult, *, panel: int, titles: Sequence[str], header: str, caption: str) -> bytes:
+    """The figure as PNG bytes: per panel the shaded ranks, the contour lines and the points (matplotlib, Agg).
 
     Args:
         toy: The data.
-        result: The scores (:func:`compute`), whose grid has the panel's 4:3 aspect.
+        result: The scores (:func:`compute`), whose grid has the plots' 4:3 aspect.
         panel: Width of a plot in pixels (height ``3/4`` of it).
-        titles: One title per panel.
+        titles: One title per panel (four lines at most).
         header: The figure's title (two lines at most).
-        caption: The caption under the legend (three lines at most).
+        caption: The caption under the legend (four lines at most).
 
     Returns:
-        The RGB figure, of :func:`figure_size`.
+        The PNG file's bytes, an RGB image of :func:`figure_size`.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.lines import Line2D
+
     width, height = figure_size(panel, len(titles))
-    size = (panel, panel * 3 // 4)
-    fig = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(fig)
-    head_font, title_font, font = load_font(16), load_font(13), load_font(12)
-    _text(draw, (MARGIN, 6), header, head_font, width - 2 * MARGIN, 2, 19)
+    plot_h = panel * 3 // 4
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fig.text(MARGIN / width, 1 - 4 / height, _wrap(header, width - 2 * MARGIN, 10, 2), va="top", fontsize=10)
     x0, y0, x1, y1 = result.bounds
-
-    def px(p: np.ndarray) -> tuple[float, float]:
-        return (p[0] - x0) / (x1 - x0) * size[0], (y1 - p[1]) / (y1 - y0) * size[1]
-
-    dot_r = max(1.5, panel / 220)
+    gy, gx = result.grid_scores[0].shape
+    xs = x0 + (np.arange(gx) + 0.5) * (x1 - x0) / gx
+    ys = y1 - (np.arange(gy) + 0.5) * (y1 - y0) / gy
     for i, title in enumerate(titles):
-        ox = i * (panel + 2 * MARGIN) + MARGIN
-        _text(draw, (ox, HEADER_H), title, title_font, panel, 3, 17)
-        heat = _heat_panel(result.grid_scores[i], result.db_scores[i], size)
-        hd = ImageDraw.Draw(heat)
-        for p in toy.points:
-            _dot(hd, px(p), dot_r, BLUE)
-        for j in result.seeds[i]:
-            _dot(hd, px(toy.points[j]), dot_r + 1.5, GREEN)
-        for q in toy.queries[: 2 if i == 2 else 1]:
-            _dot(hd, px(q), dot_r + 4, RED)
-        hd.rectangle((0, 0, size[0] - 1, size[1] - 1), outline=(0, 0, 0))
-        fig.paste(heat, (ox, HEADER_H + TITLE_H))
+        left = i * (panel + 2 * MARGIN) + MARGIN
+        fig.text(left / width, 1 - HEADER_H / height, _wrap(title, panel, 8.5, 4), va="top", fontsize=8.5)
+        ax = fig.add_axes((left / width, FOOTER_H / height, panel / width, plot_h / height))
+        log_grid, log_db = _log_scores(result.grid_scores[i], result.db_scores[i])
+        shade = _shade(rank_fraction(log_grid, log_db))
+        ax.imshow(shade, extent=(x0, x1, y0, y1), origin="upper", interpolation="bilinear", aspect="auto")
+        levels = contour_levels(result.db_scores[i])
+        for level, score in levels:
+            style = _LINESTYLES[RANK_LEVELS.index(level)]
+            ax.contour(xs, ys, log_grid, levels=[math.log(score)], colors="0.2", linewidths=0.9, linestyles=style)
+        ax.scatter(toy.points[:, 0], toy.points[:, 1], s=7, c=[BLUE], linewidths=0, zorder=3)
+        seeds = toy.points[result.seeds[i]]
+        ax.scatter(seeds[:, 0], seeds[:, 1], s=28, c=[GREEN], edgecolors="black", linewidths=0.5, zorder=4)
+        queries = toy.queries[: 2 if i == 2 else 1]
+        ax.scatter(queries[:, 0], queries[:, 1], s=90, c=[RED], edgecolors="black", linewidths=0.8, zorder=5)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_xticks([])
+        ax.set_yticks([])
 
-    # Legend row: the points, the contour lines, the shading ramp.
-    ly = HEADER_H + TITLE_H + size[1] + 8
-    x = MARGIN
-    for label, colour, r in (
-        ("database", BLUE, dot_r + 1),
-        ("query", RED, dot_r + 4),
-        ("its kq nearest neighbours (seeds, eq. 7)", GREEN, dot_r + 1.5),
-    ):
-        _dot(draw, (x + 6, ly + 8), r, colour)
-        draw.text((x + 16, ly + 1), label, fill=(0, 0, 0), font=font)
-        x += 30 + int(draw.textlength(label, font=font))
-    draw.line([(x, ly + 8), (x + 22, ly + 8)], fill=CONTOUR_RGB, width=1)
-    levels = ", ".join(f"{round(100 * v)} %" for v in RANK_LEVELS)
-    label = f"top {levels} of the database"
-    draw.text((x + 28, ly + 1), label, fill=(0, 0, 0), font=font)
-    x += 44 + int(draw.textlength(label, font=font))
-    ramp_w = 90
-    if x + ramp_w + 120 < width:
-        ramp = _shade(np.linspace(0.0, 0.5, ramp_w))
-        for j, (r_, g_, b_) in enumerate(ramp):
-            draw.line([(x + j, ly + 3), (x + j, ly + 13)], fill=(int(r_), int(g_), int(b_)))
-        draw.rectangle((x, ly + 3, x + ramp_w, ly + 13), outline=(0, 0, 0))
-        draw.text((x + ramp_w + 6, ly + 1), "rank 1 ... N/2", fill=(0, 0, 0), font=font)
-    _text(draw, (MARGIN, ly + 22), caption, font, width - 2 * MARGIN, 4, 15)
-    return fig
+    handles = [
+        Line2D([], [], marker="o", ls="", ms=4, mfc=BLUE, mec=BLUE, label="database"),
+        Line2D([], [], marker="o", ls="", ms=8, mfc=RED, mec="black", label="query"),
+        Line2D([], [], marker="o", ls="", ms=5, mfc=GREEN, mec="black", label="its kq nearest neighbours (eq. 7)"),
+        *(
+            Line2D([], [], color="0.2", lw=0.9, ls=style, label=f"top {round(100 * level)} %")
+            for level, style in zip(RANK_LEVELS, _LINESTYLES, strict=True)
+        ),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(MARGIN / width, (FOOTER_H - 2) / height),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=8,
+        handletextpad=0.3,
+        columnspacing=1.0,
+        borderaxespad=0.0,
+        borderpad=0.0,
+    )
+    bar_w = min(160, panel // 2)
+    cax = fig.add_axes(((width - 3 * MARGIN - bar_w) / width, (FOOTER_H - 16) / height, bar_w / width, 9 / height))
+    cmap = ListedColormap(_shade(np.linspace(0.0, 0.5, 256)))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 0.5), cmap), cax=cax, orientation="horizontal")
+    bar.set_ticks([0.0, 0.25, 0.5], labels=["rank 1", "N/4", "N/2"], fontsize=7)
+    bar.ax.tick_params(length=2, pad=1)
+    ticks = bar.ax.get_xticklabels()
+    ticks[0].set_horizontalalignment("left")
+    ticks[-1].set_horizontalalignment("right")
+    fig.text(MARGIN / width, (FOOTER_H - 30) / height, _wrap(caption, width - 2 * MARGIN, 8, 4), va="top", fontsize=8)
+    rgba = io.BytesIO()
+    fig.savefig(rgba, format="png", dpi=DPI)
+    plt.close(fig)
+    buf = io.BytesIO()
+    with Image.open(rgba) as im:  # matplotlib writes RGBA; the figure is opaque
+        im.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -502,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
         "diffusion on a mutual k-NN graph over two interleaved manifolds, and print how many points of the "
         "query's manifold each ranks first.",
     )
-    p.add_argument("--data", choices=DATASETS, default="moons", help="the two manifolds (default moons)")
+    p.add_argument("--data", choices=DATASETS, default="spirals", help="the two manifolds (default spirals)")
     p.add_argument("--points", type=int, default=300, help="points per manifold (default 300)")
     p.add_argument("--noise", type=float, default=None, help="noise std (default 0.07 moons, 0.035 spirals)")
     p.add_argument("--at", type=float, default=None, help="query at this fraction of a manifold's length")
@@ -590,22 +627,25 @@ def run(args: argparse.Namespace) -> Path:
         f"alpha = {args.alpha:g}, {args.iters} CG iterations (library default 20), tol {args.tol:g}"
     )
     titles = (
-        f"(a) Plain NN: similarity s(z|q) to the query. Top {half} (|A|/2): {frac_nn:.0%} from {name} A",
-        f"(b) Diffusion: y(z)^T f, z's own eq.-7 seeds times the scores f. Top {half}: {frac_f:.0%} from {name} A",
-        f"(c) Diffusion, two queries (eq. 8: y = y(q1) + y(q2)): both {args.data} light up",
+        f"(a) Plain nearest neighbours: score of z = its similarity s(z|q) to the query. Top {half} (|A|/2) "
+        f"database points: {frac_nn:.0%} from {name} A.",
+        f"(b) Diffusion: score of z = y(z)^T f, the diffusion scores f of its kq nearest database points, "
+        f"weighted by similarity (eq. 7 in reverse). Top {half} by f: {frac_f:.0%} from {name} A.",
+        f"(c) Diffusion, two queries, one per {name} (eq. 8: y = y(q1) + y(q2)): each spreads along its own "
+        f"{name}. Top {half} by f: {1 - frac_two:.0%} from A, {frac_two:.0%} from B.",
     )
     caption = (
         f"Points are embedded as unit vectors with x.z = exp(-|p - p'|^2 / 2 sigma^2), sigma = {args.sigma:g} "
         f"({result.dim} Gaussian features on a grid). Shade: the rank a point z of the plane would take among the "
-        f"N database points, all scored by the same function (white: rank N/2 = |A| or below). Diffusion score of z: "
+        f"N database points, all scored by the same function (white: rank N/2 = |A| or worse). Diffusion score of z: "
         f"the kernel-weighted sum of the diffusion scores of its kq nearest database points (eq. 7 read in "
         f"reverse); it fades away from the data as s(z|q) fades away from the query. Scores on a {gx} x {gy} grid, "
         f"interpolated. Max CG relative residual {result.residual:.1e}."
     )
-    fig = render(toy, result, panel=args.panel, titles=titles, header=header, caption=caption)
+    png = render(toy, result, panel=args.panel, titles=titles, header=header, caption=caption)
     out = Path(args.out)
     with atomic_write(out) as fh:
-        fig.save(fh, format="PNG")
+        fh.write(png)
     print(
         f"{PROG}: {args.data}, N = {n}, query on {name} A: fraction of {name}-A points among the top {half} "
         f"(|A|/2): plain NN {frac_nn:.3f}, diffusion {frac_f:.3f}; two queries: {name}-B points among the top "

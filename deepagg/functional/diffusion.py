@@ -12,7 +12,8 @@ exactly in torch or through faiss (flat: exact; IVF / HNSW: approximate, for lar
 
 **Diffusion** (eqs. 2-4, 17): :math:`S = D^{-1/2} A D^{-1/2}` and :math:`(I - \alpha S) f = y`, one column of
 ``y`` per query, solved by :func:`deepagg.functional.solvers.conjugate_gradient` for all queries at once. A node
-with no edge (degree 0) keeps :math:`f_i = y_i` (its row of ``S`` is empty; no division by zero).
+with no edge (degree 0) has the equation :math:`f_i = y_i` (its row of ``S`` is empty; no division by zero), which
+CG meets as it converges (at 20 iterations to about 1e-7 relative on a typical graph).
 :func:`diffusion_scores` omits the paper's constant factor :math:`1 - \alpha`, which does not change rankings.
 
 **Unseen queries** (eqs. 7, 8): :func:`query_seeds` builds ``y`` from the query's kq nearest database nodes,
@@ -93,6 +94,11 @@ def _exact_knn(
             inside = cols < n
             sim[r[inside], cols[inside]] = -math.inf
         i = _topk_ties_lower(sim, k)
+        v = sim.gather(1, i)
+        # Best first, equal similarities by index (design.md: sorts are stable everywhere).
+        by_index = torch.sort(i, dim=1, stable=True)
+        order = torch.sort(v.gather(1, by_index.indices), dim=1, descending=True, stable=True).indices
+        i = by_index.values.gather(1, order)
         sims.append(sim.gather(1, i))
         idx.append(i)
     if not sims:
@@ -529,7 +535,8 @@ def diffusion_scores(
     One batched conjugate-gradient solve (:func:`deepagg.functional.solvers.conjugate_gradient`) for all
     queries: ``max_iter`` sparse products with an :math:`(N, Q)` block, a per-column tolerance ``tol``
     relative to :math:`\|y_q\|`, and a column that does not converge returns its smallest-residual iterate
-    (MATLAB ``pcg``'s rule, which the authors' scores come from). A node without edges keeps :math:`f_i = y_i`.
+    (MATLAB ``pcg``'s rule, which the authors' scores come from). A node without edges has the equation
+    :math:`f_i = y_i` (reached as CG converges; no division by zero).
 
     With ``nodes`` :math:`(Q, n)` (int64 node indices, ``-1`` = padding), query ``q`` is solved on the
     sub-graph of its nodes only, with :math:`D^{-1/2} A D^{-1/2}` rebuilt from the sub-graph's own degrees (the
@@ -697,8 +704,8 @@ def query_seeds(
         got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ShapeError(f"{fn}(): q must have shape (Q, D) or (Q, R, D); got {got}.", "(Q, D) or (Q, R, D)", got)
     check_floating(q, name="q", fn=fn)
+    check_shape(q, "Q,R,D" if q.ndim == 3 else "Q,D", name="q", fn=fn, sizes={"D": d})
     regions = q if q.ndim == 3 else q[:, None, :]
-    check_shape(regions, "Q,R,D", name="q", fn=fn, sizes={"D": d})
     nq, r = regions.shape[:2]
     if mask is not None:
         check_shape(mask, "Q,R", name="mask", fn=fn, sizes={"Q": nq, "R": r})
@@ -770,7 +777,7 @@ def gmp_weights(regions: torch.Tensor, mask: torch.Tensor | None = None, *, lam:
         check_shape(mask, "B,R", name="mask", fn=fn, sizes={"B": b, "R": r})
         check_dtype(mask, (torch.bool,), name="mask", fn=fn)
         check_same_device({"regions": regions, "mask": mask}, fn=fn)
-        v = v * mask[..., None].to(dtype)
+        v = torch.where(mask[..., None], v, torch.zeros((), dtype=dtype, device=v.device))  # NaN padding too
     if b == 0 or r == 0:
         return v.new_zeros(b, r).to(regions.dtype)
     gram = v @ v.mT + lam * torch.eye(r, dtype=dtype, device=v.device)

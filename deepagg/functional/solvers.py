@@ -87,6 +87,11 @@ def conjugate_gradient(
         return out
 
     with torch.no_grad():
+        # Each column is solved for b / ||b|| and rescaled: the recurrence works with squared norms, which would
+        # underflow or overflow for float32 columns of norm below ~1e-19 or above ~1e19.
+        scale = torch.linalg.vector_norm(rhs, dim=0)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        rhs = rhs / scale
         x = torch.zeros_like(rhs)
         r = rhs.clone()
         p = rhs.clone()
@@ -112,7 +117,8 @@ def conjugate_gradient(
             p.mul_(beta).add_(r)
             rr = rr_new
     # A converged column's best iterate is its last one (its residual is the smallest so far and frozen).
-    residual = best_rr.sqrt()
+    residual = best_rr.sqrt() * scale
+    best_x = best_x * scale
     if single:
         return best_x[:, 0], residual[0]
     return best_x, residual
