@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -147,6 +148,14 @@ def plot(curves: Curves, title: str, out: Path) -> None:
         fh.write(buf.getvalue())
 
 
+def run_name(path: Path) -> str:
+    """The dataset of the run (``results.json``'s meta), else the run folder's name."""
+    try:
+        return str(json.loads((path / "results.json").read_text())["meta"]["dataset"])
+    except (OSError, ValueError, KeyError):
+        return path.resolve().name
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightning_apps.diffusion_figure", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="an eval run folder with descriptors.pt")
@@ -174,7 +183,10 @@ def run(args: argparse.Namespace) -> Curves:
     except ValueError as err:
         raise HewFigureError(f"diffusion_figure: {err}") from None
     what = "regional" if d.regional else "global"
-    title = f"{what} diffusion (k={d.k}, kq={d.kq}, alpha={d.alpha:g}) on {args.run}"
+    cfg = OmegaConf.load(args.run / "config.yaml")
+    net, pool = (str(cfg[g]._target_).split(".")[-1] for g in ("backbone", "pool"))
+    setup = f"{run_name(args.run)}, {net} + {pool}"
+    title = f"{what} diffusion (k={d.k}, kq={d.kq}, alpha={d.alpha:g}) on {setup}, whiten={cfg.whiten.get('fit')}"
     print(f"{'t':>4} | CG medium / hard | eq. 3 medium / hard | CG ms/query | eq. 3 ms/query")
     cg, it = curves["cg"], curves["eq3"]
     for i, t in enumerate(cg["iters"]):
