@@ -39,12 +39,16 @@ def rows() -> list[tuple[str, Any]]:
         ("global diffusion, k = 50 (paper)", Diffusion(k=50)),
         ("global diffusion, k = 10", Diffusion(k=10)),
         ("global diffusion, k = 10, truncated to top 100", Diffusion(k=10, truncate=100)),
+        ("global diffusion, k = 10, truncated to top 250", Diffusion(k=10, truncate=250)),
         ("global diffusion, k = 10, transductive", Diffusion(k=10, mode="transductive")),
-        ("regional diffusion, sum pooling (k = 200)", Diffusion(regional=True, pooling="sum")),
-        ("regional diffusion, GMP (k = 200, paper)", Diffusion(regional=True)),
-        ("regional diffusion, GMP, truncated to top 100", Diffusion(regional=True, truncate=100)),
+        ("regional diffusion, sum pooling, k = 200 (paper)", Diffusion(regional=True, pooling="sum")),
+        ("regional diffusion, GMP, k = 200 (paper)", Diffusion(regional=True)),
+        ("regional diffusion, GMP, k = 200, truncated to top 100", Diffusion(regional=True, truncate=100)),
+        ("regional diffusion, sum pooling, k = 50", Diffusion(regional=True, k=50, pooling="sum")),
         ("regional diffusion, GMP, k = 50", Diffusion(regional=True, k=50)),
-        ("regional diffusion, GMP, 5 GMM regions (k = 50)", Diffusion(regional=True, reduce_regions=5)),
+        ("regional diffusion, GMP, k = 50, truncated to top 250", Diffusion(regional=True, k=50, truncate=250)),
+        ("regional diffusion, GMP, 5 GMM regions, k = 50 (paper)", Diffusion(regional=True, reduce_regions=5)),
+        ("regional diffusion, GMP, 5 GMM regions, k = 10", Diffusion(regional=True, reduce_regions=5, k=10)),
     ]
 
 
