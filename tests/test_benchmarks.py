@@ -12,7 +12,7 @@ def test_benchmarks_quick(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     rows = bench_run.main(["--quick", "--json", str(out)])
     names = {r["bench"] for r in rows}
-    assert names == {"embedding", "heat", "metrics", "pooling", "qe"}
+    assert names == {"diffusion", "embedding", "heat", "metrics", "pooling", "qe"}
     for r in rows:
         assert r["ours_ms"] > 0
         assert r["ref_ms"] > 0

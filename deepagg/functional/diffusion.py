@@ -86,8 +86,12 @@ def _exact_knn(
     n_q, n = q.shape[0], x.shape[0]
     rows = chunk_size or max(1, min(n_q, CHUNK_ENTRIES // max(n, 1)))
     sims, idx = [], []
+    # One similarity buffer for every chunk: a fresh (rows, N) output per chunk costs its page faults each time.
+    buf = torch.empty(min(rows, n_q), n, dtype=q.dtype, device=q.device)
+    xt = x.mT
     for s in range(0, n_q, rows):
-        sim = q[s : s + rows] @ x.mT
+        block = q[s : s + rows]
+        sim = torch.mm(block, xt, out=buf[: block.shape[0]])
         if exclude_self:
             r = torch.arange(sim.shape[0], device=sim.device)
             cols = r + s + row_offset
@@ -113,10 +117,11 @@ def _topk_ties_lower(sim: torch.Tensor, k: int) -> torch.Tensor:
     choice among them matters and :func:`deepagg.functional.qe._topk_lower_index` decides it): one host sync per
     chunk, and the exact tie rule without paying its second full-row ``topk`` on every row.
     """
-    top = torch.topk(sim, k, dim=1)
-    kth = top.values[:, k - 1 : k]
-    tied = (sim == kth).sum(dim=1) > (top.values == kth).sum(dim=1)
-    idx = top.indices
+    extra = k < sim.shape[1]  # the (k+1)-th value equals the k-th: ties reach beyond the top k
+    top = torch.topk(sim, k + 1 if extra else k, dim=1)
+    idx = top.indices[:, :k]
+    no_tie = torch.zeros(sim.shape[0], dtype=torch.bool, device=sim.device)
+    tied = top.values[:, k] == top.values[:, k - 1] if extra else no_tie
     if bool(tied.any()):
         rows = torch.nonzero(tied).flatten()
         idx[rows] = _topk_lower_index(sim[rows], k)

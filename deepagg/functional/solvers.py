@@ -95,7 +95,13 @@ def conjugate_gradient(
         x = torch.zeros_like(rhs)
         r = rhs.clone()
         p = rhs.clone()
-        rr = torch.linalg.vecdot(r, r, dim=0)  # (Q,) squared residual norms
+        ones = torch.ones(1, rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
+
+        def coldot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            # Column dot products as one GEMV (a reduction over dim 0 of an (N, Q) block is slower on CPU).
+            return (ones @ (a * b))[0]
+
+        rr = coldot(r, r)  # (Q,) squared residual norms
         threshold = (tol * rr.sqrt()) ** 2  # converged when rr <= (tol ||b||)^2
         best_x = x.clone()
         best_rr = rr.clone()
@@ -103,18 +109,20 @@ def conjugate_gradient(
         tiny = torch.finfo(rhs.dtype).tiny
         for _ in range(max_iter):
             ap = apply(p)
-            pap = torch.linalg.vecdot(p, ap, dim=0)
+            pap = coldot(p, ap)
             active = ~done & (pap > 0)  # pap <= 0 only for a zero direction (or an A that is not SPD)
             step = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
             x.addcmul_(step, p)
             r.addcmul_(step, ap, value=-1.0)
-            rr_new = torch.where(active, torch.linalg.vecdot(r, r, dim=0), rr)
+            rr_new = torch.where(active, coldot(r, r), rr)
             better = active & (rr_new < best_rr)
-            torch.where(better, x, best_x, out=best_x)
+            # best_x <- x where better: lerp with weight 0 or 1 is exact (weight 1 gives x itself) and, unlike
+            # torch.where with a broadcast column mask, runs at copy speed.
+            torch.lerp(best_x, x, better.to(x.dtype), out=best_x)
             best_rr = torch.where(better, rr_new, best_rr)
             done = done | (rr_new <= threshold) | ~active
             beta = torch.where(active, rr_new / rr.clamp(min=tiny), 0.0)
-            p.mul_(beta).add_(r)
+            torch.addcmul(r, p, beta, out=p)  # p <- r + beta p, one pass
             rr = rr_new
     # A converged column's best iterate is its last one (its residual is the smallest so far and frozen).
     residual = best_rr.sqrt() * scale
