@@ -407,15 +407,16 @@ class Diffusion(Reranker):
         m = nodes.shape[0]
         flat = q_nodes.reshape(-1, q_nodes.shape[-1]).to(nodes.dtype)
         per_q = 1 if q_nodes.ndim == 2 else q_nodes.shape[1]
-        valid = torch.ones(flat.shape[0], dtype=torch.bool) if q_mask is None else q_mask.reshape(-1)
+        dev = nodes.device
+        valid = torch.ones(flat.shape[0], dtype=torch.bool, device=dev) if q_mask is None else q_mask.reshape(-1)
         flat = flat[valid]
-        owner = torch.arange(q_nodes.shape[0]).repeat_interleave(per_q)[valid]
+        owner = torch.arange(q_nodes.shape[0], device=dev).repeat_interleave(per_q)[valid]
         allx = torch.cat([nodes, flat])
         if self.graph_k >= allx.shape[0]:
             raise ValueError(f"Diffusion: k must be < the number of graph nodes {allx.shape[0]}; got k = {self.k}.")
         a = mutual_knn_affinity(allx, k=self.graph_k, gamma=self.gamma, backend=self.backend, index=self.index)
-        y = torch.zeros(allx.shape[0], q_nodes.shape[0], dtype=nodes.dtype)
-        y[m + torch.arange(flat.shape[0]), owner] = 1.0
+        y = torch.zeros(allx.shape[0], q_nodes.shape[0], dtype=nodes.dtype, device=dev)
+        y[m + torch.arange(flat.shape[0], device=dev), owner] = 1.0
         f = diffusion_scores(a, y, alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
         assert isinstance(f, torch.Tensor)
         return f[:m]
