@@ -273,3 +273,27 @@ def test_float32_matches_float64() -> None:
     s32 = Diffusion(k=8, kq=5)(q.float(), db.float())
     assert s32.dtype == torch.float32
     torch.testing.assert_close(s32.double(), s64, rtol=1e-3, atol=1e-5)
+
+
+def test_without_scipy_the_graph_keeps_its_order_and_the_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, db = _data()
+    with_rcm = Diffusion(k=8, kq=5)(q, db)
+    import deepagg.functional.diffusion as fd
+
+    monkeypatch.setattr(fd, "_locality_order", lambda s: None)  # what happens where SciPy is not installed
+    d = Diffusion(k=8, kq=5)
+    plain = d(q, db)
+    assert d.operator is not None
+    assert d.operator.perm is None
+    torch.testing.assert_close(plain, with_rcm, rtol=1e-10, atol=1e-12)
+
+
+def test_rerank_takes_explicit_seeds_from_the_state() -> None:
+    q, db = _data()
+    y = torch.zeros(120, 4, dtype=torch.float64)
+    y[[5, 6, 7, 8], torch.arange(4)] = 1.0
+    d = Diffusion(k=8, kq=5)
+    ranks = d.rerank(RerankState.initial(q, db, diffusion_seeds=y)).ranks
+    s = d.scores(q, seeds=y)
+    torch.testing.assert_close(s.gather(1, ranks), s.sort(dim=1, descending=True).values)
+    assert ranks[:, 0].tolist() == [5, 6, 7, 8]
