@@ -370,11 +370,17 @@ def cg_row(
             "max_abs_diff": diff,
             "reference": f"per-query scipy cg loop, float32, collection order (timed on {nref} queries, x{scale:.0f})",
         }
+    # Where the time goes: the max_iter sparse products alone, in our node order and in the collection's order.
+    plain = DiffusionOperator(a, alpha=ALPHA, reorder=False)
+    yp = y[op.perm].contiguous() if op.perm is not None else y
+    spmm_ms = median_iqr_ms(lambda: [op.matvec(yp) for _ in range(MAX_ITER)], quick)[0]
+    spmm_plain_ms = median_iqr_ms(lambda: [plain.matvec(y) for _ in range(MAX_ITER)], quick)[0]
     ours_q, ref_q = row["ours_ms"] / nq, row["ref_ms"] / nq
     row["case"] = (
         f"CG {nq} q x {MAX_ITER} it{note}: {ours_q:.2f} vs {ref_q:.2f} ms/query; vs SciPy f64 "
         f"{ref64_ms / row['ours_ms']:.1f}x, vs SciPy on RCM order {rcm_ms / row['ours_ms']:.1f}x; top-{top} "
-        f"identical {int(same_best.sum())}/{nref} (SciPy last iterate: {int(same_last.sum())}/{nref})"
+        f"identical {int(same_best.sum())}/{nref} (SciPy last iterate: {int(same_last.sum())}/{nref}); "
+        f"the {MAX_ITER} sparse products alone: {spmm_ms:.1f} ms ({spmm_plain_ms:.1f} ms in collection order)"
     )
     row["shape"] = f"N={n} D={x.shape[1]} nnz={a._nnz()}"
     row.update(
@@ -391,6 +397,8 @@ def cg_row(
         ratio_f64=ref64_ms / row["ours_ms"],
         ref_rcm_ms=rcm_ms,
         ratio_rcm=rcm_ms / row["ours_ms"],
+        spmm_ms=spmm_ms,
+        spmm_collection_order_ms=spmm_plain_ms,
         top_identical=float(same_best.float().mean()),
         top_identical_last=float(same_last.float().mean()),
         scipy_best_not_last=int((best_it < MAX_ITER).sum()),
