@@ -73,7 +73,7 @@ from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.functional import l2n, rmac_grid, rmac_regions
-from deepagg.nn import Reranker, RerankState
+from deepagg.nn import Diffusion, Reranker, RerankState
 from deepagg.nn.diffusion import REGIONAL_EXTRAS
 from lightning_apps.extract import (
     RESIZE_METHODS,
@@ -624,7 +624,7 @@ def set_graph_cache(rerank: Reranker | None, folder: Path) -> None:
     if rerank is None:
         return
     for m in rerank.modules():
-        if hasattr(m, "cache_dir") and getattr(m, "cache_dir", None) is None and hasattr(m, "graph_k"):
+        if isinstance(m, Diffusion) and m.cache_dir is None:
             m.cache_dir = folder
 
 

@@ -457,7 +457,7 @@ class DiffusionOperator:
         self.dtype = s.dtype
         perm = _locality_order(s) if reorder and s.device.type == "cpu" and self.n > 1 else None
         if perm is not None:
-            coo = s.to_sparse_coo().coalesce() if s.layout != torch.sparse_coo else s
+            coo = s.to_sparse_coo()  # normalized_affinity returns CSR
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(self.n, device=perm.device)
             i = coo.indices()

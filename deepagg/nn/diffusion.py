@@ -26,6 +26,7 @@ from deepagg.functional.diffusion import (
     FAISS_INDEXES,
     SEED_VARIANTS,
     DiffusionOperator,
+    _check_float,
     diffusion_scores,
     gmp_weights,
     mutual_knn_affinity,
@@ -50,13 +51,6 @@ def _int_or_none(value: Any, name: str, cls: str, minimum: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{cls}(): {name} must be an int >= {minimum} or None; got {value!r}.")
     return int(value)
-
-
-def _float_in(value: Any, name: str, cls: str, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-        bound = f"in ({low}, {high})" if high < math.inf else f"> {low}"
-        raise ValueError(f"{cls}(): {name} must be a float {bound}; got {value!r}.")
-    return float(value)
 
 
 def _choice(value: Any, name: str, cls: str, options: tuple[str, ...]) -> str:
@@ -157,8 +151,8 @@ class Diffusion(Reranker):
         default_k = (50 if self.reduce_regions else 200) if regional else 50
         self.k = _int_or_none(k, "k", cls, 1) or default_k
         self.kq = _int_or_none(kq, "kq", cls, 1) or (200 if regional else 10)
-        self.gamma = _float_in(gamma, "gamma", cls, 0.0)
-        self.alpha = _float_in(alpha, "alpha", cls, 0.0, 1.0)
+        self.gamma = _check_float(gamma, "gamma", cls, low=0.0)
+        self.alpha = _check_float(alpha, "alpha", cls, low=0.0, high=1.0)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
             raise ValueError(f"{cls}(): max_iter must be an int >= 0; got {max_iter!r}.")
         self.max_iter = int(max_iter)
@@ -166,7 +160,7 @@ class Diffusion(Reranker):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"{cls}(): tol must be a finite float >= 0; got {tol!r}.")
         self.pooling = _choice(pooling, "pooling", cls, POOLINGS)
-        self.gmp_lam = _float_in(gmp_lam, "gmp_lam", cls, 0.0)
+        self.gmp_lam = _check_float(gmp_lam, "gmp_lam", cls, low=0.0)
         self.truncate = _int_or_none(truncate, "truncate", cls, 1)
         self.mode = _choice(mode, "mode", cls, MODES)
         self.variant = _choice(variant, "variant", cls, SEED_VARIANTS)
@@ -289,7 +283,7 @@ class Diffusion(Reranker):
             "node_weight": node_weight,
         }
         if self.mode == "inductive":
-            graph = self._graph(nodes, fingerprint(nodes))
+            graph = self._graph(nodes, fitted["db_fingerprint"] if not self.regional else fingerprint(nodes))
             fitted["graph"] = graph
             fitted["operator"] = DiffusionOperator(graph, alpha=self.alpha) if self.truncate is None else None
         self._fitted = fitted
