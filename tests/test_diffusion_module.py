@@ -96,13 +96,8 @@ def test_truncation_solves_each_query_on_its_shortlist() -> None:
     dense = a.to_dense()
     for i in range(q.shape[0]):
         sub = torch.topk(q[i] @ db.T, t).indices
-        ds = dense[sub][:, sub]
-        deg = ds.sum(1)
-        dm = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-        s = dm[:, None] * ds * dm[None]
-        ref = diffusion_scores(ds, y[sub, i])  # same CG iterates, the sub-graph on its own
-        assert ref is not None
-        assert s.shape == (t, t)
+        ds = dense[sub][:, sub]  # the sub-graph on its own: diffusion_scores rebuilds its degrees
+        ref = diffusion_scores(ds, y[sub, i])  # same CG iterates as the full-graph solve restricted to sub
         torch.testing.assert_close(got[i, sub], ref, rtol=1e-9, atol=1e-12)
         outside = torch.ones(120, dtype=torch.bool)
         outside[sub] = False
