@@ -72,7 +72,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
-from deepagg.functional import l2n, rmac_grid, rmac_regions
+from deepagg.functional import l2n, rmac_regions
 from deepagg.nn import Diffusion, Reranker, RerankState
 from deepagg.nn.diffusion import REGIONAL_EXTRAS
 from lightning_apps.extract import (
@@ -560,8 +560,10 @@ class RegionVectors(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = rmac_regions(x.float(), levels=self.levels)
         assert isinstance(r, torch.Tensor)
+        if r.shape[1] > self.r_max:
+            raise RuntimeError(f"eval: {r.shape[1]} R-MAC regions on a {tuple(x.shape[-2:])} map; max {self.r_max}.")
         out = r.new_zeros(r.shape[0], self.r_max, r.shape[2])
-        out[:, : r.shape[1]] = r[:, : self.r_max]
+        out[:, : r.shape[1]] = r
         return out.flatten(1)
 
 
@@ -575,8 +577,9 @@ def region_extras(
     vectors) and L2-normalised again. ``*_regions`` are ``(N, R, D)``, zero rows for padding, ``*_region_mask``
     ``(N, R)`` bool (a region whose MAC vector is all zero is dropped too).
     """
-    sizes = {it.out_hw for plans in (q_plans[0], db_plans[0]) for it in plans}
-    r_max = max(len(rmac_grid(h, w)) for h, w in sizes)
+    # An upper bound on the regions of any map (the grid's long-side count exceeds the short one by at most 6);
+    # the padding columns no image uses are trimmed below. (The plans know image sizes, not map sizes.)
+    r_max = 1 + sum(level * (level + 6) for level in range(1, 4))
     pool = RegionVectors(r_max)
     out: dict[str, torch.Tensor] = {}
     for role, plans in (("q", q_plans[0]), ("db", db_plans[0])):
@@ -585,6 +588,8 @@ def region_extras(
             raise RuntimeError(f"eval: {len(bad)} cached feature maps could not be read back for the region vectors.")
         regions = flat.view(flat.shape[0], r_max, -1)
         mask = regions.abs().sum(-1) > 0
+        used = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        regions, mask = regions[:, :used], mask[:, :used]
         regions = l2n(regions, dim=-1)
         if whiten is not None:
             if int(whiten.in_dim) != regions.shape[-1]:
