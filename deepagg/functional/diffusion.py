@@ -424,7 +424,7 @@ def _locality_order(s: torch.Tensor) -> torch.Tensor | None:
 
     The sparse product gathers the rows of the dense block at each stored column: in the k-NN graph's own order
     (images in collection order) these are scattered over memory, after RCM they lie in a narrow band, and the
-    product is several times faster (measured: 10.5x for 20 products at 100k nodes,
+    product is several times faster (measured: 9.1x for 20 products at 100k nodes,
     ``benchmarks/bench_diffusion.py``). Uses SciPy's ``reverse_cuthill_mckee`` when SciPy is installed (it is not a
     dependency of the library); without it the graph is used in its own order (same results, slower on large
     graphs).
