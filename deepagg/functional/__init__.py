@@ -23,9 +23,13 @@ from deepagg.functional.normalize import l2n, power_norm
 from deepagg.functional.pooling import crow, gem, mac, rmac, rmac_grid, rmac_regions, spoc
 from deepagg.functional.qe import dba, query_expansion
 from deepagg.functional.solvers import conjugate_gradient
+from deepagg.functional.spatial import LocalFeatures, SpatialMatch, activation_features, mser_regions, spatial_match
 from deepagg.functional.whitening import learned_whitening, pca_whitening, whiten
 
 __all__ = [
+    "LocalFeatures",
+    "SpatialMatch",
+    "activation_features",
     "agaussian_center",
     "agaussian_echannel",
     "conjugate_gradient",
@@ -46,6 +50,7 @@ __all__ = [
     "learned_whitening",
     "mac",
     "max_mask",
+    "mser_regions",
     "mutual_knn_affinity",
     "normalized_affinity",
     "pca_whitening",
@@ -56,6 +61,7 @@ __all__ = [
     "rmac_grid",
     "rmac_regions",
     "sift_mask",
+    "spatial_match",
     "spoc",
     "sum_mask",
     "triangulation_embedding",

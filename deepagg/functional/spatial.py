@@ -1,0 +1,819 @@
+"""Deep spatial matching (DSM, Siméoni, Avrithis and Chum, CVPR 2019): local features and fast spatial matching.
+
+Local features are detected on activation maps and matched spatially, batched over many (query, database) pairs.
+
+* :func:`activation_features` detects maximally stable extremal regions (MSER) independently in every channel of
+  an activation tensor (regions of *high* activation only) and keeps each one as its fitted ellipse (mean and
+  covariance of its pixel coordinates), its strength (the largest activation inside it), its channel and its scale.
+  The regions come from OpenCV's MSER on 8-bit maps (an optional dependency: ``pip install
+  'deepagg[opencv]'``); everything after the detection is torch.
+* :func:`spatial_match` is fast spatial matching (Philbin et al., 2007) as the paper uses it: tentative
+  correspondences only between features of the same channel (channels are visual words, there are no
+  descriptors), one 5-dof upright-affine hypothesis per correspondence (the two ellipses mapped onto each
+  other, the vertical direction kept), **all** hypotheses enumerated, inliers at ``error`` pixels in the database
+  activation map, local optimisation by least squares on the inliers, and the maximum over the scale pairs.
+  Every (pair, query scale, database scale) is a "unit"; units are padded into tensors in buckets of similar
+  size, and the inlier counts of all hypotheses of a bucket come from one batched matrix product (the squared
+  transfer error is a bilinear form in 12 monomials of the coordinates).
+
+Coordinates are ``(x, y)`` = (column, row) of the activation map of the feature's own scale, pixel centres at
+integers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepagg._checks import ShapeError, check_int, check_positive
+
+__all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions", "spatial_match"]
+
+_OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - exercised through a monkeypatched import in the tests
+        raise ImportError(f"activation_features(): the MSER detector needs OpenCV; {_OPENCV_HINT}.") from None
+    return cv2
+
+
+# ------------------------------------------------------------------------------------------------- features
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFeatures:
+    """Padded local features of ``B`` images (``N`` slots each, ``mask`` says which are real).
+
+    Attributes:
+        centers: :math:`(B, N, 2)` float, ellipse centres ``(x, y)`` in the activation map of the feature's scale.
+        covariances: :math:`(B, N, 2, 2)` float, ellipse shapes (covariance of the region's pixel coordinates).
+        strengths: :math:`(B, N)` float, the largest activation inside the region.
+        channels: :math:`(B, N)` int64 channel ids (-1 in padding).
+        scales: :math:`(B, N)` int64 scale indices into the list of maps the features came from (-1 in padding).
+        mask: :math:`(B, N)` bool, True = a real feature.
+        map_sizes: :math:`(B, S, 2)` int64 ``(H, W)`` of each image's activation map at each scale (for drawing).
+    """
+
+    centers: torch.Tensor
+    covariances: torch.Tensor
+    strengths: torch.Tensor
+    channels: torch.Tensor
+    scales: torch.Tensor
+    mask: torch.Tensor
+    map_sizes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.centers.shape[0])
+
+    @property
+    def num_scales(self) -> int:
+        return int(self.map_sizes.shape[1])
+
+    def __getitem__(self, idx: Any) -> LocalFeatures:
+        """Images ``idx`` (an int keeps a batch of one; an index tensor or slice selects several)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
+        return LocalFeatures(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+    def to(self, *args: Any, **kwargs: Any) -> LocalFeatures:
+        """Every tensor moved (``.to(device)``); dtype arguments apply to the float tensors only."""
+        out = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            out[f.name] = (
+                t.to(*args, **kwargs)
+                if t.is_floating_point()
+                else t.to(
+                    *[a for a in args if not isinstance(a, torch.dtype)],
+                    **{k: v for k, v in kwargs.items() if k != "dtype"},
+                )
+            )
+        return LocalFeatures(**out)
+
+    def counts(self) -> torch.Tensor:
+        """Number of features per image, :math:`(B,)` int64."""
+        return self.mask.sum(1)
+
+    def trimmed(self) -> LocalFeatures:
+        """The same features with the padding width cut to the largest count."""
+        n = int(self.counts().max()) if len(self) else 0
+        return LocalFeatures(
+            self.centers[:, :n],
+            self.covariances[:, :n],
+            self.strengths[:, :n],
+            self.channels[:, :n],
+            self.scales[:, :n],
+            self.mask[:, :n],
+            self.map_sizes,
+        )
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (for ``torch.save``); :meth:`from_dict` reads them back."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> LocalFeatures:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def empty(cls, batch: int = 0, num_scales: int = 1, *, device: Any = None) -> LocalFeatures:
+        """``batch`` images without features."""
+        return cls(
+            torch.zeros(batch, 0, 2, device=device),
+            torch.zeros(batch, 0, 2, 2, device=device),
+            torch.zeros(batch, 0, device=device),
+            torch.zeros(batch, 0, dtype=torch.int64, device=device),
+            torch.zeros(batch, 0, dtype=torch.int64, device=device),
+            torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            torch.zeros(batch, num_scales, 2, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def cat(cls, items: Sequence[LocalFeatures]) -> LocalFeatures:
+        """Images of several feature sets in one batch (padding widened to the largest; same number of scales)."""
+        items = list(items)
+        if not items:
+            raise ValueError("LocalFeatures.cat(): items must hold at least one LocalFeatures; got none.")
+        s = {it.num_scales for it in items}
+        if len(s) != 1:
+            raise ValueError(f"LocalFeatures.cat(): every item must have the same number of scales; got {sorted(s)}.")
+        n = max(int(it.centers.shape[1]) for it in items)
+
+        def pad(t: torch.Tensor, value: float | int | bool) -> torch.Tensor:
+            if t.shape[1] == n:
+                return t
+            shape = (t.shape[0], n - t.shape[1], *t.shape[2:])
+            return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], 1)
+
+        return cls(
+            torch.cat([pad(it.centers, 0.0) for it in items]),
+            torch.cat([pad(it.covariances, 0.0) for it in items]),
+            torch.cat([pad(it.strengths, 0.0) for it in items]),
+            torch.cat([pad(it.channels, -1) for it in items]),
+            torch.cat([pad(it.scales, -1) for it in items]),
+            torch.cat([pad(it.mask, False) for it in items]),
+            torch.cat([it.map_sizes for it in items]),
+        )
+
+
+def _as_scale_list(a: Any, fn: str) -> tuple[list[torch.Tensor], bool]:
+    """``a`` as a list of ``(B, C, H, W)`` maps (one per scale) and whether the input was one unbatched map."""
+    maps = list(a) if isinstance(a, (list, tuple)) else [a]
+    if not maps:
+        raise ValueError(
+            f"{fn}(): A must be a tensor or a non-empty list of tensors (one per scale); got an empty list."
+        )
+    single = None
+    out = []
+    for i, m in enumerate(maps):
+        name = "A" if len(maps) == 1 else f"A[{i}]"
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{fn}(): {name} must be a torch.Tensor; got {type(m).__name__}.")
+        if m.ndim not in (3, 4):
+            raise ShapeError(
+                f"{fn}(): {name} must have shape (C, H, W) or (B, C, H, W); got {tuple(m.shape)} with {m.ndim} dims.",
+                "(C, H, W) | (B, C, H, W)",
+                tuple(m.shape),
+            )
+        if not m.is_floating_point():
+            raise TypeError(f"{fn}(): {name} must be a floating tensor (activations); got {m.dtype}.")
+        one = m.ndim == 3
+        if single is not None and one != single:
+            raise ShapeError(
+                f"{fn}(): every scale must be batched alike; {name} has {m.ndim} dims, A[0] {maps[0].ndim}."
+            )
+        single = one
+        out.append(m[None] if one else m)
+    b, c = out[0].shape[:2]
+    for i, m in enumerate(out[1:], 1):
+        if m.shape[:2] != (b, c):
+            raise ShapeError(
+                f"{fn}(): every scale must have the same (B, C) = {(b, c)}; A[{i}] has {tuple(m.shape[:2])}.",
+                (b, c),
+                tuple(m.shape[:2]),
+            )
+    return out, bool(single)
+
+
+def _upper_level_set(img: np.ndarray, region: np.ndarray) -> bool:
+    """Whether ``region`` (``(n, 2)`` pixels ``(x, y)``) is a component of an upper level set of ``img``.
+
+    That is: every pixel inside is strictly higher than every 4-neighbour outside (a high-activation region).
+    """
+    h, w = img.shape
+    inside = np.zeros((h + 2, w + 2), dtype=bool)
+    inside[region[:, 1] + 1, region[:, 0] + 1] = True
+    ring = np.zeros_like(inside)
+    ring[1:] |= inside[:-1]
+    ring[:-1] |= inside[1:]
+    ring[:, 1:] |= inside[:, :-1]
+    ring[:, :-1] |= inside[:, 1:]
+    ring &= ~inside
+    ring = ring[1:-1, 1:-1]
+    if not ring.any():
+        return True
+    return int(img[region[:, 1], region[:, 0]].min()) > int(img[ring].max())
+
+
+def mser_regions(
+    channel_map: np.ndarray,
+    *,
+    delta: int = 12,
+    min_area: int = 2,
+    max_area: float = 0.5,
+    max_variation: float = 0.5,
+    min_diversity: float = 0.7,
+    cv_min_diversity: float = 0.2,
+) -> list[np.ndarray]:
+    """High-activation MSERs of one 8-bit map: OpenCV's MSER, only upper-level-set regions, VLFeat's diversity.
+
+    1. OpenCV's ``MSER_create(delta, min_area, max_area, max_variation, cv_min_diversity)`` proposes regions.
+       OpenCV's own ``min_diversity`` is not VLFeat's (its 0.7, the paper's value, finds no region on maps of
+       30 x 40), and OpenCV finds more regions with a larger ``delta`` on maps this small (``docs/dsm.md``).
+    2. OpenCV returns regions of both polarities; DSM wants high activation only (MSER+): a region is kept only if
+       every pixel inside is strictly higher than every 4-neighbour outside it.
+    3. VLFeat's diversity rule: regions are visited from the largest; one is dropped when the smallest kept region
+       containing it is less than ``1 / (1 - min_diversity)`` times larger (relative area change below
+       ``min_diversity``), so nested near-duplicates of one blob collapse to one.
+
+    Args:
+        channel_map: :math:`(H, W)` uint8 map.
+        delta: OpenCV's MSER step (12).
+        min_area: Smallest region, pixels (2).
+        max_area: Largest region, a fraction of the map (0.5).
+        max_variation: OpenCV's largest area variation (0.5).
+        min_diversity: VLFeat-style diversity (0.7, the paper's; 0 keeps every nested region).
+        cv_min_diversity: OpenCV's ``min_diversity``.
+
+    Returns:
+        The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, in OpenCV's order.
+    """
+    cv2 = _cv2()
+    h, w = channel_map.shape
+    mser = cv2.MSER_create(
+        delta=int(delta),
+        min_area=int(min_area),
+        max_area=max(int(min_area) + 1, int(max_area * h * w)),
+        max_variation=float(max_variation),
+        min_diversity=float(cv_min_diversity),
+    )
+    regions, _ = mser.detectRegions(channel_map)
+    bright = sorted((r for r in regions if _upper_level_set(channel_map, r)), key=len, reverse=True)  # stable
+    owner = np.full((h, w), -1, dtype=np.int64)
+    kept: list[np.ndarray] = []
+    for r in bright:
+        o = owner[r[0, 1], r[0, 0]]  # regions of one map are nested or disjoint: one pixel tells
+        if o >= 0 and (len(kept[o]) - len(r)) / len(kept[o]) < min_diversity:
+            continue
+        owner[r[:, 1], r[:, 0]] = len(kept)
+        kept.append(r)
+    return kept
+
+
+def _to_uint8(a: torch.Tensor, scaling: str, image_max: torch.Tensor) -> torch.Tensor:
+    """8-bit maps :math:`(C, H, W)`: each channel scaled by its own maximum, by the image's, or cast as is."""
+    a = a.clamp(min=0)
+    if scaling == "channel":
+        top = a.amax(dim=(1, 2), keepdim=True)
+    elif scaling == "image":
+        top = image_max.reshape(1, 1, 1)
+    else:  # "raw": the authors' cast (saturates above 255)
+        return a.round().clamp(max=255).to(torch.uint8)
+    scaled = torch.where(top > 0, a / top.clamp(min=torch.finfo(a.dtype).tiny) * 255.0, torch.zeros_like(a))
+    return scaled.round().clamp(0, 255).to(torch.uint8)
+
+
+def _detect_one(
+    a: torch.Tensor, *, scaling: str, mser: dict[str, Any], max_regions: int, min_det: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Regions of one image at one scale: (centres (n,2), covariances (n,2,2), strengths, channels, boxes (n,4))."""
+    a = a.detach().float().cpu()
+    u8 = _to_uint8(a, scaling, a.max() if a.numel() else torch.tensor(0.0)).numpy()
+    raw = a.numpy()
+    cen, cov, strength, chan = [], [], [], []
+    for c in np.flatnonzero(u8.reshape(u8.shape[0], -1).max(1) > 0):
+        regions = mser_regions(u8[c], **mser)
+        fits = []
+        for r in regions:
+            xy = r.astype(np.float64)
+            mu = xy.mean(0)
+            d = xy - mu
+            s = d.T @ d / len(xy)
+            if s[0, 0] * s[1, 1] - s[0, 1] ** 2 <= min_det:  # a line or a point: no ellipse (as the authors)
+                continue
+            fits.append((mu, s, float(raw[c][r[:, 1], r[:, 0]].max())))
+        if len(fits) > max_regions:  # a cluttered channel: skipped as a whole
+            continue
+        for mu, s, v in fits:
+            cen.append(mu)
+            cov.append(s)
+            strength.append(v)
+            chan.append(c)
+    if not cen:
+        z = np.zeros
+        return z((0, 2)), z((0, 2, 2)), z(0), z(0, dtype=np.int64), z((0, 4))
+    cen_a, cov_a = np.asarray(cen), np.asarray(cov)
+    half = np.sqrt(np.stack([cov_a[:, 0, 0], cov_a[:, 1, 1]], 1))
+    boxes = np.concatenate([cen_a - half, cen_a + half], 1)  # the 1-sigma ellipse's bounding box
+    return cen_a, cov_a, np.asarray(strength), np.asarray(chan, dtype=np.int64), boxes
+
+
+def _top_by_strength(strength: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` strongest among ``keep`` (stable: ties keep the earlier index)."""
+    idx = keep.nonzero().flatten()
+    order = torch.argsort(strength[idx], descending=True, stable=True)
+    return idx[order[:k]]
+
+
+def activation_features(
+    A: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    query: bool = False,
+    max_features: int = 512,
+    per_channel: int | None = None,
+    max_regions: int = 36,
+    nms_iou: float | None = None,
+    delta: int = 12,
+    min_area: int = 2,
+    max_area: float = 0.5,
+    max_variation: float = 0.5,
+    min_diversity: float = 0.7,
+    cv_min_diversity: float = 0.2,
+    scaling: str = "channel",
+) -> LocalFeatures:
+    """Local features of activation maps: per-channel MSER ellipses (DSM's detector, section 3.3-3.4).
+
+    For every image, scale and channel: the map is clamped at 0 and cast to 8 bits (``scaling="channel"``: divided
+    by the channel's own maximum and multiplied by 255, so that weak and strong channels alike have 256 levels;
+    ``"image"``: by the image's maximum over all channels; ``"raw"``: the authors' plain cast, which saturates
+    above 255 and leaves maps with small activations, e.g. MobileNetV2's ReLU6 outputs, almost flat); OpenCV's
+    MSER finds regions, of which only high-activation ones are kept (:func:`mser_regions`). Each region becomes
+    an ellipse with the mean and covariance of its pixel coordinates (regions with a singular covariance, a line
+    or a point, are dropped, as the authors do), its strength is the largest raw activation inside it. Then, as
+    the authors' code does, per image:
+
+    1. a channel with more than ``max_regions`` regions at a scale is skipped as cluttered;
+    2. database images (``query=False``): non-maximum suppression over all channels of a scale on the ellipses'
+       bounding boxes (IoU ``nms_iou``, default 0.2; queries get none, so that any channel may match);
+    3. at most ``per_channel`` regions per channel and scale (default 20 for queries, 10 for database images),
+       the strongest;
+    4. at most ``max_features`` per scale, then ``max_features`` over all scales, by strength.
+
+    The defaults (``delta=12``, the authors' cap; VLFeat-style ``min_diversity=0.7``, the paper's; OpenCV's own
+    diversity 0.2) find about 500 regions per VGG16 map of 24 x 32 and 55 of 60 known blobs in the synthetic test
+    (``docs/dsm.md``). Runs on the CPU (MSER is sequential); the features come back on ``A``'s device. Exempt
+    from ``torch.compile`` (detection).
+
+    Args:
+        A: Activations :math:`(C, H, W)` or :math:`(B, C, H, W)`, or a list of them, one per scale (the same images
+            at decreasing resolutions, e.g. scales 1, 1/sqrt(2), 1/2).
+        query: Query images (no NMS, ``per_channel`` 20) or database images (NMS, 10).
+        max_features: Features kept per image over all scales (512 for VGG16 in the paper).
+        per_channel: Features per channel and scale (default 20 for queries, 10 for the database).
+        max_regions: Channels with more regions than this at a scale are skipped (36).
+        nms_iou: NMS threshold for database images (default 0.2); ignored for queries.
+        delta: MSER step (12; see :func:`mser_regions` for this and the next five).
+        min_area: Smallest region in pixels (2).
+        max_area: Largest region, a fraction of the map (0.5).
+        max_variation: Largest area variation (0.5).
+        min_diversity: VLFeat-style diversity (0.7).
+        cv_min_diversity: OpenCV's diversity (0.2).
+        scaling: ``"channel"``, ``"image"`` or ``"raw"`` (how activations become 8-bit levels).
+
+    Returns:
+        :class:`LocalFeatures` with ``B`` images (1 for an unbatched input), strongest first.
+
+    Raises:
+        ShapeError: If a map is not 3-d or 4-d, or the scales differ in (B, C).
+        ValueError: On a bad setting (names the argument and the value).
+        ImportError: If OpenCV is not installed (says which ``pip install`` fixes it).
+    """
+    fn = "activation_features"
+    maps, _ = _as_scale_list(A, fn)
+    max_features = check_int(max_features, name="max_features", fn=fn, minimum=1)
+    max_regions = check_int(max_regions, name="max_regions", fn=fn, minimum=1)
+    per_channel = (
+        check_int(20 if query else 10, name="per_channel", fn=fn, minimum=1)
+        if per_channel is None
+        else (check_int(per_channel, name="per_channel", fn=fn, minimum=1))
+    )
+    delta = check_int(delta, name="delta", fn=fn, minimum=1)
+    min_area = check_int(min_area, name="min_area", fn=fn, minimum=1)
+    if not 0 < max_area <= 1:
+        raise ValueError(f"{fn}(): max_area must be a fraction of the map area in (0, 1]; got {max_area}.")
+    check_positive(max_variation, name="max_variation", fn=fn)
+    for name, v in (("min_diversity", min_diversity), ("cv_min_diversity", cv_min_diversity)):
+        if not 0 <= v < 1:
+            raise ValueError(f"{fn}(): {name} must be in [0, 1); got {v}.")
+    if scaling not in ("channel", "image", "raw"):
+        raise ValueError(f"{fn}(): scaling must be 'channel', 'image' or 'raw'; got {scaling!r}.")
+    if nms_iou is None:
+        nms_iou = 0.2
+    if not 0 < nms_iou <= 1:
+        raise ValueError(f"{fn}(): nms_iou must be in (0, 1]; got {nms_iou}.")
+    _cv2()
+    from torchvision.ops import nms  # torchvision is a dependency; imported here to keep import time low
+
+    mser = {
+        "delta": delta,
+        "min_area": min_area,
+        "max_area": max_area,
+        "max_variation": max_variation,
+        "min_diversity": min_diversity,
+        "cv_min_diversity": cv_min_diversity,
+    }
+    device = maps[0].device
+    b = maps[0].shape[0]
+    per_image = []
+    for i in range(b):
+        parts = []
+        for s, m in enumerate(maps):
+            cen, cov, strength, chan, boxes = _detect_one(
+                m[i], scaling=scaling, mser=mser, max_regions=max_regions, min_det=1e-9
+            )
+            st = torch.from_numpy(strength).float()
+            ch = torch.from_numpy(chan)
+            keep = torch.ones(len(st), dtype=torch.bool)
+            if not query and len(st):
+                kept = nms(torch.from_numpy(boxes).float(), st, float(nms_iou))
+                keep = torch.zeros_like(keep).index_fill_(0, kept, True)
+            # per channel: the strongest per_channel (rank within the channel by strength, stable)
+            order = torch.argsort(st, descending=True, stable=True)
+            order = order[keep[order]]
+            ch_o = ch[order]
+            by_ch = torch.argsort(ch_o, stable=True)
+            rank_in = torch.empty_like(by_ch)
+            sorted_ch = ch_o[by_ch]
+            if len(sorted_ch):
+                starts = torch.searchsorted(sorted_ch, sorted_ch, right=False)
+                rank_in[by_ch] = torch.arange(len(by_ch)) - starts
+            sel = order[rank_in < per_channel][:max_features]  # already strongest first
+            parts.append(
+                (
+                    torch.from_numpy(cen).float()[sel],
+                    torch.from_numpy(cov).float()[sel],
+                    st[sel],
+                    ch[sel],
+                    torch.full((len(sel),), s, dtype=torch.int64),
+                )
+            )
+        cen_t = torch.cat([p[0] for p in parts])
+        cov_t = torch.cat([p[1] for p in parts])
+        st_t = torch.cat([p[2] for p in parts])
+        ch_t = torch.cat([p[3] for p in parts])
+        sc_t = torch.cat([p[4] for p in parts])
+        top = torch.argsort(st_t, descending=True, stable=True)[:max_features]
+        per_image.append((cen_t[top], cov_t[top], st_t[top], ch_t[top], sc_t[top]))
+    n = max((len(p[2]) for p in per_image), default=0)
+    out = LocalFeatures(
+        torch.zeros(b, n, 2),
+        torch.zeros(b, n, 2, 2),
+        torch.zeros(b, n),
+        torch.full((b, n), -1, dtype=torch.int64),
+        torch.full((b, n), -1, dtype=torch.int64),
+        torch.zeros(b, n, dtype=torch.bool),
+        torch.tensor([[list(m.shape[-2:]) for m in maps]] * b, dtype=torch.int64).reshape(b, len(maps), 2),
+    )
+    for i, (cen_t, cov_t, st_t, ch_t, sc_t) in enumerate(per_image):
+        k = len(st_t)
+        out.centers[i, :k] = cen_t
+        out.covariances[i, :k] = cov_t
+        out.strengths[i, :k] = st_t
+        out.channels[i, :k] = ch_t
+        out.scales[i, :k] = sc_t
+        out.mask[i, :k] = True
+    return out.to(device)
+
+
+# ------------------------------------------------------------------------------------------------- matching
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialMatch:
+    """What :func:`spatial_match` returns for ``P`` (query, database) pairs.
+
+    Attributes:
+        inliers: :math:`(P,)` int64, inlier correspondences of the best transform (max over the scale pairs).
+        transforms: :math:`(P, 2, 3)` the best upright affine ``[[a, 0, tx], [b, c, ty]]`` from query map
+            coordinates to database map coordinates (NaN for a pair without any correspondence).
+        scale_pairs: :math:`(P, 2)` int64 (query scale, database scale) of the best transform (-1 without one).
+        matches: With ``return_matches=True``: :math:`(P, T, 2)` int64 (query feature, database feature) of the
+            tentative correspondences of the best scale pair (-1 padded), else None.
+        inlier_mask: With ``return_matches=True``: :math:`(P, T)` bool, which of ``matches`` are inliers.
+    """
+
+    inliers: torch.Tensor
+    transforms: torch.Tensor
+    scale_pairs: torch.Tensor
+    matches: torch.Tensor | None = None
+    inlier_mask: torch.Tensor | None = None
+
+
+def _cholesky_2x2(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor ``[[l11, 0], [l21, l22]]`` of SPD 2x2 matrices (x first, so ``y`` stays vertical)."""
+    l11 = cov[..., 0, 0].clamp(min=1e-12).sqrt()
+    l21 = cov[..., 1, 0] / l11
+    l22 = (cov[..., 1, 1] - l21 * l21).clamp(min=1e-12).sqrt()
+    return l11, l21, l22
+
+
+def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tentative correspondences (same channel) of every pair: (unit, pair, query feature, database feature).
+
+    Sorted by (pair, query scale, database scale, query feature, database feature).
+    """
+    dev = q.centers.device
+    s = q.num_scales
+    nqf = q.centers.shape[1]
+    # Query features grouped by (image, channel): CSR over sorted keys.
+    top_q = int(q.channels.max()) if q.channels.numel() else 0
+    top_db = int(db.channels.max()) if db.channels.numel() else 0
+    n_ch = max(top_q, top_db) + 1
+    qkey = torch.where(q.mask, torch.arange(len(q), device=dev)[:, None] * n_ch + q.channels, -1).flatten()
+    qorder = torch.argsort(qkey, stable=True)
+    qkey_sorted = qkey[qorder]
+    # Database features of every pair.
+    p_idx, j_idx = db.mask[pairs[:, 1]].nonzero(as_tuple=True)
+    dbi = pairs[p_idx, 1]
+    key = pairs[p_idx, 0] * n_ch + db.channels[dbi, j_idx]
+    lo = torch.searchsorted(qkey_sorted, key, right=False)
+    hi = torch.searchsorted(qkey_sorted, key, right=True)
+    cnt = hi - lo
+    rep = torch.repeat_interleave(torch.arange(len(key), device=dev), cnt)
+    offs = torch.arange(len(rep), device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+    flat_q = qorder[lo[rep] + offs]  # index into q's flattened (B*N)
+    i_idx = flat_q % max(nqf, 1)
+    p = p_idx[rep]
+    j = j_idx[rep]
+    qi = pairs[p, 0]
+    di = pairs[p, 1]
+    unit = (p * s + q.scales[qi, i_idx]) * s + db.scales[di, j]
+    # sort by unit, then query feature, then database feature (deterministic, independent of batching)
+    nd = max(db.centers.shape[1], 1)
+    order = torch.argsort((unit * max(nqf, 1) + i_idx) * nd + j, stable=True)
+    return unit[order], p[order], i_idx[order], j[order]
+
+
+def spatial_match(
+    q: LocalFeatures,
+    db: LocalFeatures,
+    pairs: torch.Tensor | None = None,
+    *,
+    error: float = 2.0,
+    max_scale_change: float = 3.0,
+    lo_iters: int = 3,
+    return_matches: bool = False,
+    chunk_elements: int = 1 << 22,
+) -> SpatialMatch:
+    r"""Fast spatial matching of ``P`` (query, database) pairs, batched (DSM section 3.5).
+
+    For each pair and each (query scale, database scale): tentative correspondences are all pairs of features of
+    the same channel. Each correspondence of ellipses :math:`(\mu_1, \Sigma_1) \to (\mu_2, \Sigma_2)` gives the
+    hypothesis :math:`T = L_2 L_1^{-1}` (lower Cholesky factors, so the vertical direction is kept: 5 dof,
+    ``x' = a x + t_x``, ``y' = b x + c y + t_y``) with translation :math:`\mu_2 - T \mu_1`; hypotheses whose scale
+    change :math:`\sqrt{ac}` is outside ``[1/max_scale_change, max_scale_change]`` are dropped. **Every** hypothesis
+    is scored (no sampling): the inliers are the correspondences with :math:`\|T \mu_q + t - \mu_{db}\| \le`
+    ``error`` (pixels of the database map). The best hypothesis (most inliers, ties to the first correspondence in
+    the sort order) is refined ``lo_iters`` times by least squares of the same 5-dof model on its inliers (kept only
+    when it gains inliers; a fit that reflects or breaks the scale limit is refused). A pair's result is the scale
+    pair with most inliers (ties to the lower (query scale, database scale)). The count is of correspondences (a
+    feature may take part in several, as in many-to-many RANSAC).
+
+    Args:
+        q: Query features (one or more images).
+        db: Database features.
+        pairs: :math:`(P, 2)` int64 (query image, database image) indices. Default: every database image against
+            the single query image (``len(q) == 1``), or image ``i`` against image ``i`` when the sizes match.
+        error: Inlier threshold in pixels of the database activation map (2).
+        max_scale_change: Largest scale change of a hypothesis (3).
+        lo_iters: Local-optimisation rounds on the best hypothesis of every scale pair (0 turns it off).
+        return_matches: Also return the correspondences of the best scale pair and their inlier mask.
+        chunk_elements: Memory bound: hypotheses x correspondences scored at once.
+
+    Returns:
+        :class:`SpatialMatch`.
+
+    Raises:
+        ValueError: On bad ``pairs`` or parameters (names them).
+    """
+    fn = "spatial_match"
+    if not isinstance(q, LocalFeatures) or not isinstance(db, LocalFeatures):
+        raise TypeError(
+            f"{fn}(): q and db must be LocalFeatures (from activation_features); got {type(q).__name__} and "
+            f"{type(db).__name__}."
+        )
+    if q.num_scales != db.num_scales:
+        raise ValueError(
+            f"{fn}(): q and db must have the same number of scales; got {q.num_scales} and {db.num_scales}."
+        )
+    check_positive(error, name="error", fn=fn)
+    if not max_scale_change >= 1:
+        raise ValueError(f"{fn}(): max_scale_change must be >= 1; got {max_scale_change}.")
+    lo_iters = check_int(lo_iters, name="lo_iters", fn=fn, minimum=0)
+    dev = q.centers.device
+    if pairs is None:
+        if len(q) == 1:
+            pairs = torch.stack(
+                [torch.zeros(len(db), dtype=torch.int64, device=dev), torch.arange(len(db), device=dev)], 1
+            )
+        elif len(q) == len(db):
+            pairs = torch.arange(len(q), device=dev)[:, None].expand(-1, 2).contiguous()
+        else:
+            raise ValueError(
+                f"{fn}(): without pairs, q must hold one image or as many as db; got {len(q)} and {len(db)}."
+            )
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype != torch.int64:
+        raise ShapeError(f"{fn}(): pairs must be a (P, 2) int64 tensor; got {tuple(pairs.shape)} {pairs.dtype}.")
+    if len(pairs) and (
+        int(pairs[:, 0].min()) < 0
+        or int(pairs[:, 0].max()) >= len(q)
+        or int(pairs[:, 1].min()) < 0
+        or int(pairs[:, 1].max()) >= len(db)
+    ):
+        raise ValueError(
+            f"{fn}(): pairs must index q (0..{len(q) - 1}) and db (0..{len(db) - 1}); got query indices "
+            f"{int(pairs[:, 0].min())}..{int(pairs[:, 0].max())} and database indices "
+            f"{int(pairs[:, 1].min())}..{int(pairs[:, 1].max())}."
+        )
+    pairs = pairs.to(dev)
+    db = db.to(dev)
+    n_pairs, s = len(pairs), q.num_scales
+    dtype = q.centers.dtype
+    n_units = n_pairs * s * s
+    best = torch.zeros(n_units, dtype=torch.int64, device=dev)
+    trans = torch.full((n_units, 5), float("nan"), dtype=dtype, device=dev)  # a, b, c, tx, ty
+    unit, p, i, j = _correspondences(q, db, pairs)
+    qi, di = pairs[p, 0], pairs[p, 1]
+    # Per correspondence: coordinates and the hypothesis.
+    qc, dc = q.centers[qi, i], db.centers[di, j]
+    q11, q21, q22 = _cholesky_2x2(q.covariances[qi, i])
+    d11, d21, d22 = _cholesky_2x2(db.covariances[di, j])
+    ha = d11 / q11
+    hc = d22 / q22
+    hb = d21 / q11 - d22 * q21 / (q11 * q22)
+    scale = (ha * hc).sqrt()
+    ok = (scale <= max_scale_change) & (scale >= 1.0 / max_scale_change)
+    htx = dc[:, 0] - ha * qc[:, 0]
+    hty = dc[:, 1] - hb * qc[:, 0] - hc * qc[:, 1]
+    cnt = torch.bincount(unit, minlength=n_units)
+    start = torch.cumsum(cnt, 0) - cnt
+    present = (cnt > 0).nonzero().flatten()
+    err2 = float(error) ** 2
+    keep_matches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if len(present):
+        by_size = present[torch.argsort(cnt[present], stable=True)]
+        sizes = cnt[by_size].tolist()
+        k0 = 0
+        while k0 < len(by_size):
+            t = sizes[k0]
+            k1 = k0 + 1
+            while k1 < len(by_size) and (k1 - k0 + 1) * sizes[k1] ** 2 <= chunk_elements:
+                k1 += 1
+            t = sizes[k1 - 1]
+            units = by_size[k0:k1]
+            r = torch.arange(t, device=dev)
+            valid = r[None] < cnt[units][:, None]
+            idx = (start[units][:, None] + r[None]).clamp(max=max(len(unit) - 1, 0))
+            res = _score_chunk(idx, valid, qc, dc, ha, hb, hc, htx, hty, ok, err2, lo_iters, max_scale_change)
+            best[units], trans[units] = res[0], res[1]
+            if return_matches:
+                for row, u in enumerate(units.tolist()):
+                    keep_matches[u] = (idx[row][valid[row]], res[2][row][valid[row]])
+            k0 = k1
+    per_pair = best.reshape(n_pairs, s * s)
+    inl, arg = per_pair.max(1)  # first max: the lower (query scale, database scale)
+    chosen = torch.arange(n_pairs, device=dev) * s * s + arg
+    t5 = trans[chosen]
+    none = inl == 0
+    transforms = torch.stack(
+        [
+            torch.stack([t5[:, 0], torch.zeros_like(t5[:, 0]), t5[:, 3]], 1),
+            torch.stack([t5[:, 1], t5[:, 2], t5[:, 4]], 1),
+        ],
+        1,
+    )
+    transforms = torch.where(none[:, None, None], torch.full_like(transforms, float("nan")), transforms)
+    sp = torch.stack([arg // s, arg % s], 1)
+    sp = torch.where(none[:, None], torch.full_like(sp, -1), sp)
+    matches: torch.Tensor | None = None
+    mask_out: torch.Tensor | None = None
+    if return_matches:
+        rows = [keep_matches.get(u) if not bool(none[k]) else None for k, u in enumerate(chosen.tolist())]
+        width = max((len(r[0]) for r in rows if r is not None), default=0)
+        matches = torch.full((n_pairs, width, 2), -1, dtype=torch.int64, device=dev)
+        mask_out = torch.zeros(n_pairs, width, dtype=torch.bool, device=dev)
+        for k, row in enumerate(rows):
+            if row is None:
+                continue
+            n = len(row[0])
+            matches[k, :n, 0] = i[row[0]]
+            matches[k, :n, 1] = j[row[0]]
+            mask_out[k, :n] = row[1]
+    return SpatialMatch(inl, transforms, sp, matches, mask_out)
+
+
+def _score_chunk(
+    idx: torch.Tensor,
+    valid: torch.Tensor,
+    qc: torch.Tensor,
+    dc: torch.Tensor,
+    ha: torch.Tensor,
+    hb: torch.Tensor,
+    hc: torch.Tensor,
+    htx: torch.Tensor,
+    hty: torch.Tensor,
+    ok: torch.Tensor,
+    err2: float,
+    lo_iters: int,
+    max_scale_change: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best inlier count, transform (a, b, c, tx, ty) and inlier mask of the best, for units padded to ``T``."""
+    vf = valid.to(qc.dtype)
+    n = vf.sum(1, keepdim=True).clamp(min=1)
+    qx, qy = qc[idx, 0], qc[idx, 1]
+    dx, dy = dc[idx, 0], dc[idx, 1]
+    # Centre each unit's coordinates (translation-invariant; keeps the expanded squares small in float32).
+    mqx, mqy = (qx * vf).sum(1, keepdim=True) / n, (qy * vf).sum(1, keepdim=True) / n
+    mdx, mdy = (dx * vf).sum(1, keepdim=True) / n, (dy * vf).sum(1, keepdim=True) / n
+    qx, qy, dx, dy = qx - mqx, qy - mqy, dx - mdx, dy - mdy
+    a, b, c = ha[idx], hb[idx], hc[idx]
+    tx = dx - a * qx
+    ty = dy - b * qx - c * qy
+    one = torch.ones_like(qx)
+    # Squared transfer error of hypothesis h on correspondence t = <w_h, m_t> over 12 monomials.
+    mono = torch.stack(
+        [one, qx, qy, dx, dy, qx * qx, qy * qy, dx * dx + dy * dy, qx * qy, qx * dx, qx * dy, qy * dy], -1
+    )
+    w = torch.stack(
+        [
+            tx * tx + ty * ty,
+            2 * (a * tx + b * ty),
+            2 * c * ty,
+            -2 * tx,
+            -2 * ty,
+            a * a + b * b,
+            c * c,
+            one,
+            2 * b * c,
+            -2 * a,
+            -2 * b,
+            -2 * c,
+        ],
+        -1,
+    )
+    e2 = torch.bmm(w, mono.mT)  # (U, T hypotheses, T correspondences)
+    inl = (e2 <= err2) & valid[:, None, :]
+    counts = inl.sum(-1)
+    counts = torch.where(valid & ok[idx], counts, torch.zeros_like(counts))
+    best_cnt, h = counts.max(1)  # first max
+    rows = torch.arange(len(idx), device=idx.device)
+    params = torch.stack([a[rows, h], b[rows, h], c[rows, h], tx[rows, h], ty[rows, h]], 1)
+    mask = inl[rows, h] & (best_cnt > 0)[:, None]
+    for _ in range(lo_iters):
+        cand = _fit_upright(qx, qy, dx, dy, mask.to(qx.dtype))
+        ca, cb, cc, ctx, cty = cand.unbind(1)
+        sc = (ca * cc).clamp(min=0).sqrt()
+        good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
+        ex = ca[:, None] * qx + ctx[:, None] - dx
+        ey = cb[:, None] * qx + cc[:, None] * qy + cty[:, None] - dy
+        cmask = (ex * ex + ey * ey <= err2) & valid
+        ccnt = cmask.sum(1)
+        better = good & (ccnt > best_cnt)
+        if not bool(better.any()):
+            break
+        best_cnt = torch.where(better, ccnt, best_cnt)
+        params = torch.where(better[:, None], cand, params)
+        mask = torch.where(better[:, None], cmask, mask)
+    # Back to the original coordinates: t = t~ + mean_d - T mean_q.
+    a, b, c, tx, ty = params.unbind(1)
+    tx = tx + mdx[:, 0] - a * mqx[:, 0]
+    ty = ty + mdy[:, 0] - b * mqx[:, 0] - c * mqy[:, 0]
+    return best_cnt, torch.stack([a, b, c, tx, ty], 1), mask
+
+
+def _fit_upright(
+    qx: torch.Tensor, qy: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per row; NaN where degenerate."""
+    sw = w.sum(1).clamp(min=1e-12)
+    mx, my = (w * qx).sum(1) / sw, (w * qy).sum(1) / sw
+    mu, mv = (w * dx).sum(1) / sw, (w * dy).sum(1) / sw
+    x, y, u, v = qx - mx[:, None], qy - my[:, None], dx - mu[:, None], dy - mv[:, None]
+    sxx, sxy, syy = (w * x * x).sum(1), (w * x * y).sum(1), (w * y * y).sum(1)
+    sxu, sxv, syv = (w * x * u).sum(1), (w * x * v).sum(1), (w * y * v).sum(1)
+    nan = torch.full_like(sxx, float("nan"))
+    a = torch.where(sxx > 1e-9, sxu / sxx.clamp(min=1e-12), nan)
+    det = sxx * syy - sxy * sxy
+    okd = (det > 1e-9 * (sxx * syy).clamp(min=1e-12)) & (w.sum(1) >= 3)
+    b = torch.where(okd, (sxv * syy - syv * sxy) / det.clamp(min=1e-12), nan)
+    c = torch.where(okd, (syv * sxx - sxv * sxy) / det.clamp(min=1e-12), nan)
+    tx = mu - a * mx
+    ty = mv - b * mx - c * my
+    return torch.stack([a, b, c, tx, ty], 1)
