@@ -8,6 +8,7 @@ from deepagg import backbones, functional, metrics, nn
 from deepagg.metrics import compute_map, evaluate_revisited
 from deepagg.nn import (
     DBA,
+    DSM,
     L2N,
     MAC,
     RMAC,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DBA",
+    "DSM",
     "L2N",
     "MAC",
     "RMAC",

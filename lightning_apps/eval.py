@@ -73,8 +73,10 @@ from deepagg._io import atomic_write, sha256_file
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import DatasetNotFoundError, ImageReadError
 from deepagg.functional import l2n, rmac_regions
-from deepagg.nn import Diffusion, Reranker, RerankState
+from deepagg.functional.spatial import LocalFeatures
+from deepagg.nn import DSM, Diffusion, Reranker, RerankState
 from deepagg.nn.diffusion import REGIONAL_EXTRAS
+from deepagg.nn.spatial import LOCAL_FEATURE_EXTRAS
 from lightning_apps.extract import (
     RESIZE_METHODS,
     CacheEntryError,
@@ -126,8 +128,9 @@ STORES = ("maps", "descriptors")
 BATCHING = ("exact", "pad")
 WHITEN_FITS = ("learned", "pca")
 #: Names of the ``RerankState.extras`` this app can give a re-ranker (its ``requires``), built in :func:`run`:
-#: the R-MAC region vectors of the database and query images (regional diffusion), see :func:`region_extras`.
-APP_EXTRAS: frozenset[str] = frozenset(REGIONAL_EXTRAS)
+#: the R-MAC region vectors of the database and query images (regional diffusion, :func:`region_extras`) and
+#: their DSM local features (:func:`local_feature_extras`).
+APP_EXTRAS: frozenset[str] = frozenset(REGIONAL_EXTRAS) | frozenset(LOCAL_FEATURE_EXTRAS)
 
 
 class ConfigError(ValueError):
@@ -510,7 +513,7 @@ def rank(
     db: torch.Tensor,
     rerank: Reranker | None,
     valid: torch.Tensor | None = None,
-    extras: dict[str, torch.Tensor] | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Rank by cosine similarity (ties to the lower database index), then apply the re-ranker.
 
@@ -605,6 +608,95 @@ def region_extras(
         out[f"{role}_regions"], out[f"{role}_region_mask"] = regions, mask
     n_q, n_db = out["q_region_mask"].sum(1).float(), out["db_region_mask"].sum(1).float()
     log.info("region vectors: %.1f per database image, %.1f per query", n_db.mean(), n_q.mean())
+    return out
+
+
+def find_dsm(rerank: Reranker | None) -> DSM | None:
+    """The :class:`deepagg.DSM` stage of a re-ranker (itself or inside a chain), or None."""
+    if rerank is None:
+        return None
+    return next((m for m in rerank.modules() if isinstance(m, DSM)), None)
+
+
+def local_feature_extras(
+    pipe: Pipeline,
+    dsm: DSM,
+    q_infos: Sequence[ImageInfo],
+    db_infos: Sequence[ImageInfo],
+    bbx: Sequence[Any] | None,
+) -> dict[str, LocalFeatures]:
+    """The DSM extras (:data:`APP_EXTRAS`): local features of the query and database images.
+
+    The feature maps are extracted at the DSM's scales (``dsm.scales``, exact-size batches) through the feature
+    cache, each image's local features detected from its maps (:meth:`deepagg.DSM.extract`) and cached under
+    ``<cache_dir>/dsm/`` (written atomically, keyed by the maps' keys and the detector settings), so the database
+    is detected once and later runs (or an interrupted one) only read them back. An image without maps (unreadable)
+    gets no features.
+    """
+    c = pipe.cfg
+    ident = json.dumps(
+        {"max_features": dsm.max_features, "detector": dsm.detector, "v": 1}, sort_keys=True, default=str
+    )
+    out: dict[str, LocalFeatures] = {}
+    for role, infos, boxes in (("q", q_infos, bbx), ("db", db_infos, None)):
+        plans = plan_items(
+            infos,
+            boxes,
+            imsize=int(c.imsize),
+            scales=list(dsm.scales),
+            model=pipe.model,
+            batching="exact",
+            batch_size=int(c.batch_size),
+            resize=str(c.resize),
+        )
+        query = role == "q"
+        feats: list[LocalFeatures] = []
+        todo: list[int] = []
+        paths: list[Path | None] = []
+        for i in range(len(infos)):
+            keys = [plans[s][i].key for s in range(len(dsm.scales))]
+            if any(k is None for k in keys):
+                paths.append(None)
+                continue
+            key = hashlib.sha256(f"{'|'.join(keys)}|{ident}|query={query}".encode()).hexdigest()  # type: ignore[arg-type]
+            path = Path(c.cache_dir) / "dsm" / key[:2] / f"{key}.pt"
+            paths.append(path)
+            if not path.exists() or bool(c.overwrite):
+                todo.append(i)
+        if todo:
+            for items in plans:
+                sub = [items[i] for i in todo]
+                pipe.used_keys.update(it.key for it in sub if it.key is not None)
+                bad = extract_maps(
+                    pipe.trainer, pipe.backbone, sub, pipe.cache, batch_size=int(c.batch_size),
+                    num_workers=int(c.num_workers),
+                )
+                if bad:
+                    log.warning("dsm: %d %s images could not be extracted; they get no local features", len(bad), role)
+            t0, step = time.perf_counter(), max(1, len(todo) // 10)
+            for n, i in enumerate(todo, 1):
+                keys = [plans[s][i].key for s in range(len(dsm.scales))]
+                try:
+                    maps = [pipe.cache.get(k) for k in keys]  # type: ignore[arg-type]
+                except (FileNotFoundError, CacheEntryError):
+                    paths[i] = None
+                    continue
+                f = dsm.extract(maps, query=query).trimmed()
+                buf = io.BytesIO()
+                torch.save(f.as_dict(), buf)
+                with atomic_write(paths[i], "wb") as fh:  # type: ignore[arg-type]
+                    fh.write(buf.getvalue())
+                if n % step == 0 or n == len(todo):
+                    dt = time.perf_counter() - t0
+                    log.info("dsm: %s local features %d/%d (%.2f s per image)", role, n, len(todo), dt / n)
+        for i, path in enumerate(paths):
+            if path is None:
+                feats.append(LocalFeatures.empty(1, len(dsm.scales)))
+                continue
+            feats.append(LocalFeatures.from_dict(torch.load(path, weights_only=True)))
+        out[f"{role}_local_features"] = LocalFeatures.cat(feats)
+        counts = out[f"{role}_local_features"].counts().float()
+        log.info("dsm: %.0f local features per %s image (%d images)", counts.mean() if len(counts) else 0, role, len(counts))
     return out
 
 
@@ -887,8 +979,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         check_reranker(rerank, cfg.rerank.get("_target_"))
         if rerank.requires and cfg.store != "maps":
             raise ConfigError(
-                f"eval: rerank {type(rerank).__name__} needs region vectors {list(rerank.requires)}, which are "
-                f"computed from cached feature maps; set store=maps (got store={cfg.store})."
+                f"eval: rerank {type(rerank).__name__} needs {list(rerank.requires)} (region vectors or local "
+                f"features), which are computed from cached feature maps; set store=maps (got store={cfg.store})."
             )
         set_graph_cache(rerank, Path(cfg.cache_dir) / "graphs")
     center = needs_center(pool)
@@ -953,7 +1045,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         whiten = fit_whitening(cfg, pipe, train, train_infos, db.shape[1])
         with torch.no_grad():
             db, q = whiten(db), whiten(q)
-    extras = region_extras(pipe, q_plans, db_plans, whiten) if rerank is not None and rerank.requires else None
+    needs = set(rerank.requires) if rerank is not None else set()
+    extras: dict[str, Any] | None = None
+    if needs & set(REGIONAL_EXTRAS):
+        extras = region_extras(pipe, q_plans, db_plans, whiten)
+    dsm = find_dsm(rerank)
+    if dsm is not None and needs & set(LOCAL_FEATURE_EXTRAS):
+        extras = {**(extras or {}), **local_feature_extras(pipe, dsm, q_infos, db_infos, ds.bbx)}
     if cfg.get("save_descriptors") and trainer.is_global_zero:
         if extras is None and cfg.save_descriptors == "regions":
             extras = region_extras(pipe, q_plans, db_plans, whiten)

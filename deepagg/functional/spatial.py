@@ -257,6 +257,8 @@ def mser_regions(
     """
     cv2 = _cv2()
     h, w = channel_map.shape
+    if h < 3 or w < 3:  # OpenCV refuses maps under 3 x 3; no stable region fits in one anyway
+        return []
     mser = cv2.MSER_create(
         delta=int(delta),
         min_area=int(min_area),
@@ -684,8 +686,8 @@ def spatial_match(
             res = _score_chunk(idx, valid, qc, dc, ha, hb, hc, htx, hty, ok, err2, lo_iters, max_scale_change)
             best[units], trans[units] = res[0], res[1]
             if return_matches:
-                for row, u in enumerate(units.tolist()):
-                    keep_matches[u] = (idx[row][valid[row]], res[2][row][valid[row]])
+                for r_i, u in enumerate(units.tolist()):
+                    keep_matches[u] = (idx[r_i][valid[r_i]], res[2][r_i][valid[r_i]])
             k0 = k1
     per_pair = best.reshape(n_pairs, s * s)
     inl, arg = per_pair.max(1)  # first max: the lower (query scale, database scale)

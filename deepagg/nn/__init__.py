@@ -8,10 +8,12 @@ from deepagg.nn.normalize import L2N, PowerNorm
 from deepagg.nn.pooling import MAC, RMAC, CroW, GeM, SPoC
 from deepagg.nn.qe import DBA, QueryExpansion
 from deepagg.nn.rerank import RerankChain, Reranker, RerankState, rank_by_similarity
+from deepagg.nn.spatial import DSM
 from deepagg.nn.whitening import Whiten
 
 __all__ = [
     "DBA",
+    "DSM",
     "L2N",
     "MAC",
     "RMAC",
