@@ -668,7 +668,11 @@ def local_feature_extras(
                 sub = [items[i] for i in todo]
                 pipe.used_keys.update(it.key for it in sub if it.key is not None)
                 bad = extract_maps(
-                    pipe.trainer, pipe.backbone, sub, pipe.cache, batch_size=int(c.batch_size),
+                    pipe.trainer,
+                    pipe.backbone,
+                    sub,
+                    pipe.cache,
+                    batch_size=int(c.batch_size),
                     num_workers=int(c.num_workers),
                 )
                 if bad:
@@ -689,14 +693,15 @@ def local_feature_extras(
                 if n % step == 0 or n == len(todo):
                     dt = time.perf_counter() - t0
                     log.info("dsm: %s local features %d/%d (%.2f s per image)", role, n, len(todo), dt / n)
-        for i, path in enumerate(paths):
-            if path is None:
+        for fpath in paths:
+            if fpath is None:
                 feats.append(LocalFeatures.empty(1, len(dsm.scales)))
                 continue
-            feats.append(LocalFeatures.from_dict(torch.load(path, weights_only=True)))
+            feats.append(LocalFeatures.from_dict(torch.load(fpath, weights_only=True)))
         out[f"{role}_local_features"] = LocalFeatures.cat(feats)
         counts = out[f"{role}_local_features"].counts().float()
-        log.info("dsm: %.0f local features per %s image (%d images)", counts.mean() if len(counts) else 0, role, len(counts))
+        mean = float(counts.mean()) if len(counts) else 0.0
+        log.info("dsm: %.0f local features per %s image (%d images)", mean, role, len(counts))
     return out
 
 
