@@ -705,6 +705,40 @@ def local_feature_extras(
     return out
 
 
+def save_dsm(out_dir: Path, dsm: DSM, ds: RetrievalDataset, valid: torch.Tensor, extras: dict[str, Any]) -> Path:
+    """Write ``out_dir/dsm.pt``, atomically: what :mod:`lightning_apps.dsm_figure` draws from.
+
+    ``{"q_local_features", "db_local_features"}`` (:meth:`LocalFeatures.as_dict`, every database image),
+    ``"inliers"`` / ``"ranks"`` :math:`(Q, top)` (the re-ranked shortlist, database indices), ``"queries"``,
+    ``"images"`` (paths), ``"bbx"``, ``"gnd"`` and the DSM settings.
+    """
+    idx = torch.nonzero(valid).flatten()
+    last = dsm.last_verification or {}
+    db_feats = extras["db_local_features"]
+    payload = {
+        "q_local_features": extras["q_local_features"].as_dict(),
+        "db_local_features": db_feats.as_dict(),
+        "inliers": last.get("inliers"),
+        "ranks": idx[last["ranks"]] if "ranks" in last else None,
+        "queries": [str(p) for p in ds.queries],
+        "images": [str(p) for p in ds.images],
+        "bbx": [None if b is None else [float(v) for v in b] for b in ds.bbx],
+        "gnd": [{k: np.asarray(v).tolist() for k, v in g.items()} for g in ds.gnd],
+        "dsm": {
+            "scales": list(dsm.scales),
+            "error": dsm.error,
+            "max_scale_change": dsm.max_scale_change,
+            "lo_iters": dsm.lo_iters,
+        },
+    }
+    path = out_dir / "dsm.pt"
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
 def save_descriptors(
     out_dir: Path, q: torch.Tensor, db: torch.Tensor, valid: torch.Tensor, extras: dict[str, torch.Tensor] | None
 ) -> Path:
@@ -1064,6 +1098,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     t_rank = time.perf_counter()
     ranks = rank(q, db, rerank, valid, extras)
     rank_seconds = time.perf_counter() - t_rank
+    if dsm is not None and extras is not None and trainer.is_global_zero:
+        save_dsm(Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir), dsm, ds, valid, extras)
     # Under DDP (a process group is up) every process scores its share; compute() gathers the list states. When
     # nothing had to be extracted no group was started, and this process scores every query itself.
     world, me = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed() else (1, 0)

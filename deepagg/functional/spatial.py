@@ -23,6 +23,7 @@ integers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -662,33 +663,30 @@ def spatial_match(
     hb = d21 / q11 - d22 * q21 / (q11 * q22)
     scale = (ha * hc).sqrt()
     ok = (scale <= max_scale_change) & (scale >= 1.0 / max_scale_change)
-    htx = dc[:, 0] - ha * qc[:, 0]
-    hty = dc[:, 1] - hb * qc[:, 0] - hc * qc[:, 1]
+    # One row per correspondence, sorted by unit: query and database centres, the hypothesis, its validity.
+    corr = torch.stack([qc[:, 0], qc[:, 1], dc[:, 0], dc[:, 1], ha, hb, hc, ok.to(dtype)], 1)
     cnt = torch.bincount(unit, minlength=n_units)
     start = torch.cumsum(cnt, 0) - cnt
     present = (cnt > 0).nonzero().flatten()
     err2 = float(error) ** 2
     keep_matches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if len(present):
-        by_size = present[torch.argsort(cnt[present], stable=True)]
-        sizes = cnt[by_size].tolist()
-        k0 = 0
-        while k0 < len(by_size):
-            t = sizes[k0]
-            k1 = k0 + 1
-            while k1 < len(by_size) and (k1 - k0 + 1) * sizes[k1] ** 2 <= chunk_elements:
-                k1 += 1
-            t = sizes[k1 - 1]
-            units = by_size[k0:k1]
-            r = torch.arange(t, device=dev)
-            valid = r[None] < cnt[units][:, None]
-            idx = (start[units][:, None] + r[None]).clamp(max=max(len(unit) - 1, 0))
-            res = _score_chunk(idx, valid, qc, dc, ha, hb, hc, htx, hty, ok, err2, lo_iters, max_scale_change)
-            best[units], trans[units] = res[0], res[1]
-            if return_matches:
-                for r_i, u in enumerate(units.tolist()):
-                    keep_matches[u] = (idx[r_i][valid[r_i]], res[2][r_i][valid[r_i]])
-            k0 = k1
+        # Units padded to a few sizes (multiples of 8, then steps of 1/4), in chunks of <= chunk_elements scores.
+        sizes = cnt[present]
+        padded = torch.where(sizes <= 32, (sizes + 7) // 8 * 8, _geometric_ceil(sizes))
+        for t in torch.unique(padded).tolist():
+            units_all = present[padded == t]
+            per_chunk = max(1, chunk_elements // (t * t))
+            for c0 in range(0, len(units_all), per_chunk):
+                units = units_all[c0 : c0 + per_chunk]
+                r = torch.arange(t, device=dev)
+                valid = r[None] < cnt[units][:, None]
+                idx = torch.where(valid, start[units][:, None] + r[None], 0)
+                res = _score_chunk(corr[idx], valid, err2, lo_iters, max_scale_change)
+                best[units], trans[units] = res[0], res[1]
+                if return_matches:
+                    for r_i, u in enumerate(units.tolist()):
+                        keep_matches[u] = (idx[r_i][valid[r_i]], res[2][r_i][valid[r_i]])
     per_pair = best.reshape(n_pairs, s * s)
     inl, arg = per_pair.max(1)  # first max: the lower (query scale, database scale)
     chosen = torch.arange(n_pairs, device=dev) * s * s + arg
@@ -721,38 +719,37 @@ def spatial_match(
     return SpatialMatch(inl, transforms, sp, matches, mask_out)
 
 
+def _geometric_ceil(n: torch.Tensor) -> torch.Tensor:
+    """The smallest padded unit size >= ``n``: 32 * 1.25^k rounded up (steps of a quarter)."""
+    top = int(n.max()) if n.numel() else 32
+    sizes = [32]
+    while sizes[-1] < top:
+        sizes.append(math.ceil(sizes[-1] * 1.25))
+    table = torch.tensor(sizes, dtype=n.dtype, device=n.device)
+    return table[torch.searchsorted(table, n)]
+
+
 def _score_chunk(
-    idx: torch.Tensor,
-    valid: torch.Tensor,
-    qc: torch.Tensor,
-    dc: torch.Tensor,
-    ha: torch.Tensor,
-    hb: torch.Tensor,
-    hc: torch.Tensor,
-    htx: torch.Tensor,
-    hty: torch.Tensor,
-    ok: torch.Tensor,
-    err2: float,
-    lo_iters: int,
-    max_scale_change: float,
+    g: torch.Tensor, valid: torch.Tensor, err2: float, lo_iters: int, max_scale_change: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best inlier count, transform (a, b, c, tx, ty) and inlier mask of the best, for units padded to ``T``."""
-    vf = valid.to(qc.dtype)
+    """Best inlier count, transform (a, b, c, tx, ty) and its inlier mask for units padded to ``T``.
+
+    ``g``: :math:`(U, T, 8)` correspondences (query x, y, database x, y, hypothesis a, b, c, valid hypothesis).
+    """
+    vf = valid.to(g.dtype)
     n = vf.sum(1, keepdim=True).clamp(min=1)
-    qx, qy = qc[idx, 0], qc[idx, 1]
-    dx, dy = dc[idx, 0], dc[idx, 1]
+    qx, qy, dx, dy, a, b, c, okf = g.unbind(-1)
     # Centre each unit's coordinates (translation-invariant; keeps the expanded squares small in float32).
     mqx, mqy = (qx * vf).sum(1, keepdim=True) / n, (qy * vf).sum(1, keepdim=True) / n
     mdx, mdy = (dx * vf).sum(1, keepdim=True) / n, (dy * vf).sum(1, keepdim=True) / n
-    qx, qy, dx, dy = qx - mqx, qy - mqy, dx - mdx, dy - mdy
-    a, b, c = ha[idx], hb[idx], hc[idx]
+    qx, qy, dx, dy = (qx - mqx) * vf, (qy - mqy) * vf, (dx - mdx) * vf, (dy - mdy) * vf
     tx = dx - a * qx
     ty = dy - b * qx - c * qy
     one = torch.ones_like(qx)
-    # Squared transfer error of hypothesis h on correspondence t = <w_h, m_t> over 12 monomials.
-    mono = torch.stack(
-        [one, qx, qy, dx, dy, qx * qx, qy * qy, dx * dx + dy * dy, qx * qy, qx * dx, qx * dy, qy * dy], -1
-    )
+    # Squared transfer error of hypothesis h on correspondence t = <w_h, m_t> over 12 monomials; a padded
+    # correspondence gets a huge |d|^2 term, so it is never an inlier (no mask pass over the T x T scores).
+    far = torch.where(valid, dx * dx + dy * dy, torch.full_like(dx, 1e30))
+    mono = torch.stack([one, qx, qy, dx, dy, qx * qx, qy * qy, far, qx * qy, qx * dx, qx * dy, qy * dy], -1)
     w = torch.stack(
         [
             tx * tx + ty * ty,
@@ -770,22 +767,24 @@ def _score_chunk(
         ],
         -1,
     )
-    e2 = torch.bmm(w, mono.mT)  # (U, T hypotheses, T correspondences)
-    inl = (e2 <= err2) & valid[:, None, :]
-    counts = inl.sum(-1)
-    counts = torch.where(valid & ok[idx], counts, torch.zeros_like(counts))
+    counts = (torch.bmm(w, mono.mT) <= err2).sum(-1)  # (U, T hypotheses)
+    counts = torch.where(valid & (okf > 0), counts, torch.zeros_like(counts))
     best_cnt, h = counts.max(1)  # first max
-    rows = torch.arange(len(idx), device=idx.device)
+    rows = torch.arange(len(g), device=g.device)
     params = torch.stack([a[rows, h], b[rows, h], c[rows, h], tx[rows, h], ty[rows, h]], 1)
-    mask = inl[rows, h] & (best_cnt > 0)[:, None]
+
+    def inliers_of(p: torch.Tensor) -> torch.Tensor:
+        ex = p[:, 0:1] * qx + p[:, 3:4] - dx
+        ey = p[:, 1:2] * qx + p[:, 2:3] * qy + p[:, 4:5] - dy
+        return (ex * ex + ey * ey <= err2) & valid
+
+    mask = inliers_of(params) & (best_cnt > 0)[:, None]
     for _ in range(lo_iters):
         cand = _fit_upright(qx, qy, dx, dy, mask.to(qx.dtype))
-        ca, cb, cc, ctx, cty = cand.unbind(1)
+        ca, cc = cand[:, 0], cand[:, 2]
         sc = (ca * cc).clamp(min=0).sqrt()
         good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
-        ex = ca[:, None] * qx + ctx[:, None] - dx
-        ey = cb[:, None] * qx + cc[:, None] * qy + cty[:, None] - dy
-        cmask = (ex * ex + ey * ey <= err2) & valid
+        cmask = inliers_of(cand)
         ccnt = cmask.sum(1)
         better = good & (ccnt > best_cnt)
         if not bool(better.any()):

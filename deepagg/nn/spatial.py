@@ -110,6 +110,8 @@ class DSM(Reranker):
         self.verified = check_int(verified, name="verified", fn=cls, minimum=1)
         self.seeds = check_int(seeds, name="seeds", fn=cls, minimum=1)
         self.pairs_per_call = check_int(pairs_per_call, name="pairs_per_call", fn=cls, minimum=1)
+        #: ``{"inliers", "ranks"}`` :math:`(Q, top)` of the last :meth:`rerank` (also in the returned extras).
+        self.last_verification: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- features
 
@@ -215,6 +217,7 @@ class DSM(Reranker):
         new_top, new_inl = shortlist.gather(1, order), inl.gather(1, order)
         ranks = torch.cat([new_top, state.ranks[:, t:]], 1)
         extras = {**ex, "dsm_inliers": new_inl, "dsm_ranks": new_top}
+        self.last_verification = {"inliers": new_inl, "ranks": new_top}
         out = state.replace(ranks=ranks, extras=extras)
         if self.diffusion is None:
             return out
