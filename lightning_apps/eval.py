@@ -740,16 +740,18 @@ def save_dsm(out_dir: Path, dsm: DSM, ds: RetrievalDataset, valid: torch.Tensor,
 
 
 def save_descriptors(
-    out_dir: Path, q: torch.Tensor, db: torch.Tensor, valid: torch.Tensor, extras: dict[str, torch.Tensor] | None
+    out_dir: Path, q: torch.Tensor, db: torch.Tensor, valid: torch.Tensor, extras: dict[str, Any] | None
 ) -> Path:
     """Write the final (whitened) descriptors of the run to ``out_dir/descriptors.pt``, atomically.
 
-    ``{"q": (Q, D), "db": (N, D), "valid": (N,) bool, "extras": {...}}``: what a user needs to try re-rankers or
+    ``{"q": (Q, D), "db": (N, D), "valid": (N,) bool, "extras": {...}}`` (local features as
+    :meth:`LocalFeatures.as_dict` dicts): what a user needs to try re-rankers or
     plot their own curves (``lightning_apps.diffusion_figure`` reads it) without re-running the extraction.
     """
     path = out_dir / "descriptors.pt"
     buf = io.BytesIO()
-    torch.save({"q": q, "db": db, "valid": valid, "extras": dict(extras or {})}, buf)
+    plain = {k: (v.as_dict() if isinstance(v, LocalFeatures) else v) for k, v in (extras or {}).items()}
+    torch.save({"q": q, "db": db, "valid": valid, "extras": plain}, buf)
     with atomic_write(path, "wb") as fh:
         fh.write(buf.getvalue())
     return path

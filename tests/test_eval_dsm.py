@@ -1,0 +1,98 @@
+"""The eval app with DSM: local features detected once and cached, dsm.pt, verified diffusion, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepagg import DSM, RerankState
+from deepagg.functional import LocalFeatures
+from deepagg.metrics import evaluate_revisited
+from lightning_apps import eval as app
+
+from ._fakedata import make_fake_revisitop
+from .test_eval_app import _run
+
+# Real (offline) MobileNetV2 weights: random weights give almost empty maps. 256 px: maps of 8 x 8 at scale 1.
+DSM_RUN = ["whiten=none", "backbone.pretrained=true", "imsize=256", "rerank=dsm", "rerank.scales=[1.0,0.5]"]
+pytestmark = pytest.mark.weights
+
+
+@pytest.fixture
+def fake_root(tmp_path: Path) -> Path:
+    make_fake_revisitop(tmp_path / "data")
+    return tmp_path
+
+
+def _map(out: Path) -> dict[str, float]:
+    res = json.loads((out / "results.json").read_text())["results"]
+    return {s: res[s]["map"] for s in ("medium", "hard")}
+
+
+def _dsm_files(root: Path) -> list[Path]:
+    return sorted((root / "data" / "features" / "dsm").glob("*/*.pt"))
+
+
+def test_dsm_run_equals_the_library_on_its_features(fake_root: Path) -> None:
+    _run([*DSM_RUN, "save_descriptors=true"], fake_root, "a")
+    out = fake_root / "a"
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["rerank"].startswith("DSM(top=100, scales=[1.0, 0.5]")
+    saved = torch.load(out / "descriptors.pt", weights_only=True)
+    dsm_pt = torch.load(out / "dsm.pt", weights_only=True)
+    qf = LocalFeatures.from_dict(dsm_pt["q_local_features"])
+    dbf = LocalFeatures.from_dict(dsm_pt["db_local_features"])
+    assert len(qf) == 2
+    assert len(dbf) == 10
+    assert qf.num_scales == dbf.num_scales == 2
+    assert int(dbf.counts().sum()) > 0
+    # one cached file per image (queries and database)
+    assert len(_dsm_files(fake_root)) == 12
+    state = RerankState.initial(saved["q"], saved["db"], q_local_features=qf, db_local_features=dbf)
+    dsm = DSM(scales=(1.0, 0.5))
+    ranks = dsm.rerank(state).ranks
+    assert torch.equal(dsm_pt["ranks"], ranks[:, : dsm_pt["ranks"].shape[1]])
+    assert torch.equal(dsm_pt["inliers"], dsm.last_verification["inliers"])  # type: ignore[index]
+    from deepagg.data.revisitop import load_revisitop
+
+    gnd = load_revisitop(fake_root / "data", "roxford5k", check_counts=False).gnd
+    res = evaluate_revisited(ranks.numpy(), gnd)
+    got = _map(out)
+    for s in ("medium", "hard"):
+        assert got[s] == pytest.approx(float(res[s]["map"]), abs=1e-12)
+
+
+def test_local_features_are_cached_and_reused(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(DSM_RUN, fake_root, "a")
+    files = _dsm_files(fake_root)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    import deepagg.nn.spatial as mod
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the second run must read the cached local features")
+
+    monkeypatch.setattr(mod, "activation_features", boom)
+    _run(DSM_RUN, fake_root, "b")
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert _map(fake_root / "a") == _map(fake_root / "b")
+
+
+def test_other_detector_settings_get_their_own_cache_entries(fake_root: Path) -> None:
+    _run(DSM_RUN, fake_root, "a")
+    _run([*DSM_RUN, "rerank.detector.delta=8"], fake_root, "b")
+    assert len(_dsm_files(fake_root)) == 24
+
+
+def test_dsm_diffusion_runs(fake_root: Path) -> None:
+    _run([*DSM_RUN, "rerank=dsm_diffusion", "rerank.diffusion.k=3", "rerank.diffusion.kq=2"], fake_root, "a")
+    meta = json.loads((fake_root / "a" / "results.json").read_text())["meta"]
+    assert "verified=10, seeds=5" in meta["rerank"]
+    assert (fake_root / "a" / "dsm.pt").is_file()
+
+
+def test_dsm_needs_cached_maps(fake_root: Path) -> None:
+    with pytest.raises(app.ConfigError, match=r"needs \['q_local_features', 'db_local_features'\] .* set store=maps"):
+        _run([*DSM_RUN, "store=descriptors"], fake_root, "a")
