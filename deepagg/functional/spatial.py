@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,11 +38,11 @@ __all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions
 _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 
-def _cv2() -> Any:
+def _cv2(fn: str = "activation_features") -> Any:
     try:
         import cv2
     except ImportError:  # pragma: no cover - exercised through a monkeypatched import in the tests
-        raise ImportError(f"activation_features(): the MSER detector needs OpenCV; {_OPENCV_HINT}.") from None
+        raise ImportError(f"{fn}(): the MSER detector needs OpenCV; {_OPENCV_HINT}.") from None
     return cv2
 
 
@@ -79,6 +80,10 @@ class LocalFeatures:
 
     def __getitem__(self, idx: Any) -> LocalFeatures:
         """Images ``idx`` (an int keeps a batch of one; an index tensor or slice selects several)."""
+        if isinstance(idx, torch.Tensor) and idx.ndim == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
+            idx = int(idx)
+        elif not isinstance(idx, (slice, torch.Tensor, list, tuple)) and hasattr(idx, "__index__"):
+            idx = operator.index(idx)
         if isinstance(idx, int):
             idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
         return LocalFeatures(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
@@ -254,9 +259,9 @@ def mser_regions(
         cv_min_diversity: OpenCV's ``min_diversity``.
 
     Returns:
-        The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, in OpenCV's order.
+        The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, largest first (ties in OpenCV's order).
     """
-    cv2 = _cv2()
+    cv2 = _cv2("mser_regions")
     h, w = channel_map.shape
     if h < 3 or w < 3:  # OpenCV refuses maps under 3 x 3; no stable region fits in one anyway
         return []
@@ -391,7 +396,8 @@ def activation_features(
         scaling: ``"channel"``, ``"image"`` or ``"raw"`` (how activations become 8-bit levels).
 
     Returns:
-        :class:`LocalFeatures` with ``B`` images (1 for an unbatched input), strongest first.
+        :class:`LocalFeatures` with ``B`` images (1 for an unbatched input), strongest first; float tensors in
+        float64 for float64 maps, else float32.
 
     Raises:
         ShapeError: If a map is not 3-d or 4-d, or the scales differ in (B, C).
@@ -492,7 +498,8 @@ def activation_features(
         out.channels[i, :k] = ch_t
         out.scales[i, :k] = sc_t
         out.mask[i, :k] = True
-    return out.to(device)
+    out_dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+    return out.to(device, dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------- matching
@@ -767,20 +774,28 @@ def _score_chunk(
         ],
         -1,
     )
-    counts = (torch.bmm(w, mono.mT) <= err2).sum(-1)  # (U, T hypotheses)
+    # The expanded form rounds (about 1e-3 of err2 in float32): it only ranks the hypotheses, with a margin;
+    # the inliers of the chosen transform are then counted directly, in float64 and raw coordinates.
+    counts = (torch.bmm(w, mono.mT) <= err2 * (1 + 1e-3) + 1e-6).sum(-1)  # (U, T hypotheses)
     counts = torch.where(valid & (okf > 0), counts, torch.zeros_like(counts))
-    best_cnt, h = counts.max(1)  # first max
+    top, h = counts.max(1)  # first max
     rows = torch.arange(len(g), device=g.device)
-    params = torch.stack([a[rows, h], b[rows, h], c[rows, h], tx[rows, h], ty[rows, h]], 1)
+    raw = g[..., :7].double()
+    rqx, rqy, rdx, rdy = raw[..., 0], raw[..., 1], raw[..., 2], raw[..., 3]
+    ha, hb, hc = raw[rows, h, 4], raw[rows, h, 5], raw[rows, h, 6]
+    htx = rdx[rows, h] - ha * rqx[rows, h]
+    hty = rdy[rows, h] - hb * rqx[rows, h] - hc * rqy[rows, h]
+    params = torch.stack([ha, hb, hc, htx, hty], 1)  # raw coordinates, float64
 
     def inliers_of(p: torch.Tensor) -> torch.Tensor:
-        ex = p[:, 0:1] * qx + p[:, 3:4] - dx
-        ey = p[:, 1:2] * qx + p[:, 2:3] * qy + p[:, 4:5] - dy
+        ex = p[:, 0:1] * rqx + p[:, 3:4] - rdx
+        ey = p[:, 1:2] * rqx + p[:, 2:3] * rqy + p[:, 4:5] - rdy
         return (ex * ex + ey * ey <= err2) & valid
 
-    mask = inliers_of(params) & (best_cnt > 0)[:, None]
+    mask = inliers_of(params) & (top > 0)[:, None]
+    best_cnt = mask.sum(1)
     for _ in range(lo_iters):
-        cand = _fit_upright(qx, qy, dx, dy, mask.to(qx.dtype))
+        cand = _fit_upright(rqx, rqy, rdx, rdy, mask.double())
         ca, cc = cand[:, 0], cand[:, 2]
         sc = (ca * cc).clamp(min=0).sqrt()
         good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
@@ -792,17 +807,16 @@ def _score_chunk(
         best_cnt = torch.where(better, ccnt, best_cnt)
         params = torch.where(better[:, None], cand, params)
         mask = torch.where(better[:, None], cmask, mask)
-    # Back to the original coordinates: t = t~ + mean_d - T mean_q.
-    a, b, c, tx, ty = params.unbind(1)
-    tx = tx + mdx[:, 0] - a * mqx[:, 0]
-    ty = ty + mdy[:, 0] - b * mqx[:, 0] - c * mqy[:, 0]
-    return best_cnt, torch.stack([a, b, c, tx, ty], 1), mask
+    return best_cnt, params.to(g.dtype), mask
 
 
 def _fit_upright(
     qx: torch.Tensor, qy: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, w: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per row; NaN where degenerate."""
+    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per row; NaN where degenerate.
+
+    Run in float64 (the degeneracy test, a relative determinant of 1e-9, is below float32's resolution).
+    """
     sw = w.sum(1).clamp(min=1e-12)
     mx, my = (w * qx).sum(1) / sw, (w * qy).sum(1) / sw
     mu, mv = (w * dx).sum(1) / sw, (w * dy).sum(1) / sw
