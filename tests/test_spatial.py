@@ -1360,3 +1360,14 @@ class TestRealPhotos(BaseTester):
         # measured: VGG16 26 vs 4, MobileNetV2 25 vs 9 (the 512 features are shared by the three scales).
         assert pos >= 2 * neg, (pos, neg)
         assert pos >= neg + 10, (pos, neg)
+
+
+def test_image_scaling_keeps_relative_strength() -> None:
+    """Scaling by the image's maximum: a channel far weaker than the strongest gets fewer levels than delta (12)
+    and no region, while per-channel scaling (the default) finds it."""
+    h, w = 20, 24
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    blob = torch.exp(-0.5 * (((xx - 10) / 2.5) ** 2 + ((yy - 9) / 2.0) ** 2))
+    a = torch.stack([10.0 * blob, 0.3 * blob])  # channel 1: peak at 3% of the image maximum (7 of 255 levels)
+    assert set(activation_features(a, query=True, scaling="image").channels[0].tolist()) == {0}
+    assert set(activation_features(a, query=True).channels[0].tolist()) == {0, 1}
