@@ -379,8 +379,8 @@ def activation_features(
 
     With the defaults (``delta=12``, the authors' cap; VLFeat-style ``min_diversity=0.7``, the paper's; OpenCV's
     own diversity 0.2), the `clutter` VGG16 maps (512 px, 3 scales) give about 260 features per database image;
-    with ``scaling="image"`` about 110, and a better DSM ranking (``docs/dsm.md``). Runs on the CPU (MSER is sequential); the features come back on ``A``'s device. Exempt
-    from ``torch.compile`` (detection).
+    with ``scaling="image"`` about 110, and a better DSM ranking (``docs/dsm.md``). Runs on the CPU (MSER is
+    sequential); the features come back on ``A``'s device. Exempt from ``torch.compile`` (detection).
 
     Args:
         A: Activations :math:`(C, H, W)` or :math:`(B, C, H, W)`, or a list of them, one per scale (the same images
