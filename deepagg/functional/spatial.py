@@ -673,13 +673,60 @@ def spatial_match(
     hb = d21 / q11 - d22 * q21 / (q11 * q22)
     scale = (ha * hc).sqrt()
     ok = (scale <= max_scale_change) & (scale >= 1.0 / max_scale_change)
-    # One row per correspondence, sorted by unit: query and database centres, the hypothesis, its validity.
-    corr = torch.stack([qc[:, 0], qc[:, 1], dc[:, 0], dc[:, 1], ha, hb, hc, ok.to(dtype)], 1)
     cnt = torch.bincount(unit, minlength=n_units)
     start = torch.cumsum(cnt, 0) - cnt
     present = (cnt > 0).nonzero().flatten()
     err2 = float(error) ** 2
+    n_corr = len(unit)
     keep_matches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # 1. Score every hypothesis of every unit: the squared transfer error of hypothesis h on correspondence t is
+    #    <w_h, m_t> over 12 monomials of the unit-centred coordinates (centring keeps the expanded squares small in
+    #    float32), so one bmm per chunk of units scores them all. Row n_corr is a sentinel for padding: a huge
+    #    |d|^2 term, so a padded correspondence is never an inlier (no mask pass over the T x T scores).
+    cf = cnt.clamp(min=1).to(dtype)
+
+    def centred(v: torch.Tensor) -> torch.Tensor:
+        return v - (torch.zeros(n_units, dtype=dtype, device=dev).index_add_(0, unit, v) / cf)[unit]
+
+    qx, qy, dx, dy = centred(qc[:, 0]), centred(qc[:, 1]), centred(dc[:, 0]), centred(dc[:, 1])
+    tx = dx - ha * qx
+    ty = dy - hb * qx - hc * qy
+    one = torch.ones_like(qx)
+    mono = torch.stack(
+        [one, qx, qy, dx, dy, qx * qx, qy * qy, dx * dx + dy * dy, qx * qy, qx * dx, qx * dy, qy * dy], 1
+    )
+    w = torch.stack(
+        [
+            tx * tx + ty * ty,
+            2 * (ha * tx + hb * ty),
+            2 * hc * ty,
+            -2 * tx,
+            -2 * ty,
+            ha * ha + hb * hb,
+            hc * hc,
+            one,
+            2 * hb * hc,
+            -2 * ha,
+            -2 * hb,
+            -2 * hc,
+        ],
+        1,
+    )
+    sentinel = torch.zeros(1, 12, dtype=dtype, device=dev)
+    mono = torch.cat(
+        [
+            mono,
+            sentinel.index_fill(1, torch.tensor([0], device=dev), 1.0).index_fill(
+                1, torch.tensor([7], device=dev), 1e30
+            ),
+        ]
+    )
+    w = torch.cat([w, sentinel])
+    ok_s = torch.cat([ok, torch.zeros(1, dtype=torch.bool, device=dev)])
+    chosen_h = torch.full((n_units,), n_corr, dtype=torch.int64, device=dev)  # the best hypothesis (a corr index)
+    # The expanded form rounds (about 1e-3 of err2 in float32): it only ranks the hypotheses, with a margin; the
+    # chosen transform's inliers are counted directly below, in float64 and raw coordinates.
+    thr = err2 * (1 + 1e-3) + 1e-6
     if len(present):
         # Units padded to a few sizes (multiples of 8, then steps of 1/4), in chunks of <= chunk_elements scores.
         sizes = cnt[present]
@@ -687,16 +734,23 @@ def spatial_match(
         for t in torch.unique(padded).tolist():
             units_all = present[padded == t]
             per_chunk = max(1, chunk_elements // (t * t))
+            r = torch.arange(t, device=dev)
             for c0 in range(0, len(units_all), per_chunk):
                 units = units_all[c0 : c0 + per_chunk]
-                r = torch.arange(t, device=dev)
-                valid = r[None] < cnt[units][:, None]
-                idx = torch.where(valid, start[units][:, None] + r[None], 0)
-                res = _score_chunk(corr[idx], valid, err2, lo_iters, max_scale_change)
-                best[units], trans[units] = res[0], res[1]
-                if return_matches:
-                    for r_i, u in enumerate(units.tolist()):
-                        keep_matches[u] = (idx[r_i][valid[r_i]], res[2][r_i][valid[r_i]])
+                idx = torch.where(r[None] < cnt[units][:, None], start[units][:, None] + r[None], n_corr)
+                counts = (torch.bmm(w[idx], mono[idx].mT) <= thr).sum(-1)  # (U, T hypotheses)
+                counts = torch.where(ok_s[idx], counts, torch.zeros_like(counts))
+                top, h = counts.max(1)  # first max
+                chosen_h[units] = torch.where(top > 0, idx.gather(1, h[:, None])[:, 0], n_corr)
+    # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list of
+    #    correspondences (segment sums by unit; no padding).
+    if len(present):
+        res = _refine(unit, chosen_h, qc, dc, ha, hb, hc, n_units, err2, lo_iters, max_scale_change)
+        best, trans = res[0], res[1].to(dtype)
+        if return_matches:
+            for u in present.tolist():
+                sl = slice(int(start[u]), int(start[u] + cnt[u]))
+                keep_matches[u] = (torch.arange(sl.start, sl.stop, device=dev), res[2][sl])
     per_pair = best.reshape(n_pairs, s * s)
     inl, arg = per_pair.max(1)  # first max: the lower (query scale, database scale)
     chosen = torch.arange(n_pairs, device=dev) * s * s + arg
@@ -739,97 +793,86 @@ def _geometric_ceil(n: torch.Tensor) -> torch.Tensor:
     return table[torch.searchsorted(table, n)]
 
 
-def _score_chunk(
-    g: torch.Tensor, valid: torch.Tensor, err2: float, lo_iters: int, max_scale_change: float
+def _refine(
+    unit: torch.Tensor,
+    h: torch.Tensor,
+    qc: torch.Tensor,
+    dc: torch.Tensor,
+    ha: torch.Tensor,
+    hb: torch.Tensor,
+    hc: torch.Tensor,
+    n_units: int,
+    err2: float,
+    lo_iters: int,
+    max_scale_change: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best inlier count, transform (a, b, c, tx, ty) and its inlier mask for units padded to ``T``.
+    """Exact inlier counts, LO-refined transforms and inlier masks of each unit's chosen hypothesis.
 
-    ``g``: :math:`(U, T, 8)` correspondences (query x, y, database x, y, hypothesis a, b, c, valid hypothesis).
+    ``h``: :math:`(U,)` the chosen hypothesis as a correspondence index (``len(qc)`` = none). Returns counts
+    :math:`(U,)`, transforms :math:`(U, 5)` (a, b, c, tx, ty; NaN without one) and the mask :math:`(K,)` over the
+    correspondences. Float64, raw coordinates, segment sums over the correspondences' ``unit``.
     """
-    vf = valid.to(g.dtype)
-    n = vf.sum(1, keepdim=True).clamp(min=1)
-    qx, qy, dx, dy, a, b, c, okf = g.unbind(-1)
-    # Centre each unit's coordinates (translation-invariant; keeps the expanded squares small in float32).
-    mqx, mqy = (qx * vf).sum(1, keepdim=True) / n, (qy * vf).sum(1, keepdim=True) / n
-    mdx, mdy = (dx * vf).sum(1, keepdim=True) / n, (dy * vf).sum(1, keepdim=True) / n
-    qx, qy, dx, dy = (qx - mqx) * vf, (qy - mqy) * vf, (dx - mdx) * vf, (dy - mdy) * vf
-    tx = dx - a * qx
-    ty = dy - b * qx - c * qy
-    one = torch.ones_like(qx)
-    # Squared transfer error of hypothesis h on correspondence t = <w_h, m_t> over 12 monomials; a padded
-    # correspondence gets a huge |d|^2 term, so it is never an inlier (no mask pass over the T x T scores).
-    far = torch.where(valid, dx * dx + dy * dy, torch.full_like(dx, 1e30))
-    mono = torch.stack([one, qx, qy, dx, dy, qx * qx, qy * qy, far, qx * qy, qx * dx, qx * dy, qy * dy], -1)
-    w = torch.stack(
-        [
-            tx * tx + ty * ty,
-            2 * (a * tx + b * ty),
-            2 * c * ty,
-            -2 * tx,
-            -2 * ty,
-            a * a + b * b,
-            c * c,
-            one,
-            2 * b * c,
-            -2 * a,
-            -2 * b,
-            -2 * c,
-        ],
-        -1,
-    )
-    # The expanded form rounds (about 1e-3 of err2 in float32): it only ranks the hypotheses, with a margin;
-    # the inliers of the chosen transform are then counted directly, in float64 and raw coordinates.
-    counts = (torch.bmm(w, mono.mT) <= err2 * (1 + 1e-3) + 1e-6).sum(-1)  # (U, T hypotheses)
-    counts = torch.where(valid & (okf > 0), counts, torch.zeros_like(counts))
-    top, h = counts.max(1)  # first max
-    rows = torch.arange(len(g), device=g.device)
-    raw = g[..., :7].double()
-    rqx, rqy, rdx, rdy = raw[..., 0], raw[..., 1], raw[..., 2], raw[..., 3]
-    ha, hb, hc = raw[rows, h, 4], raw[rows, h, 5], raw[rows, h, 6]
-    htx = rdx[rows, h] - ha * rqx[rows, h]
-    hty = rdy[rows, h] - hb * rqx[rows, h] - hc * rqy[rows, h]
-    params = torch.stack([ha, hb, hc, htx, hty], 1)  # raw coordinates, float64
+    n = len(qc)
+    has = h < n
+    hs = h.clamp(max=max(n - 1, 0))
+    rqx, rqy, rdx, rdy = qc[:, 0].double(), qc[:, 1].double(), dc[:, 0].double(), dc[:, 1].double()
+    a, b, c = ha.double()[hs], hb.double()[hs], hc.double()[hs]
+    tx = rdx[hs] - a * rqx[hs]
+    ty = rdy[hs] - b * rqx[hs] - c * rqy[hs]
+    nan = torch.full_like(a, float("nan"))
+    params = torch.where(has[:, None], torch.stack([a, b, c, tx, ty], 1), nan[:, None])
 
     def inliers_of(p: torch.Tensor) -> torch.Tensor:
-        ex = p[:, 0:1] * rqx + p[:, 3:4] - rdx
-        ey = p[:, 1:2] * rqx + p[:, 2:3] * rqy + p[:, 4:5] - rdy
-        return (ex * ex + ey * ey <= err2) & valid
+        pu = p[unit]
+        ex = pu[:, 0] * rqx + pu[:, 3] - rdx
+        ey = pu[:, 1] * rqx + pu[:, 2] * rqy + pu[:, 4] - rdy
+        return ex * ex + ey * ey <= err2  # NaN parameters: False
 
-    mask = inliers_of(params) & (top > 0)[:, None]
-    best_cnt = mask.sum(1)
+    def per_unit(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_units, dtype=v.dtype, device=v.device).index_add_(0, unit, v)
+
+    mask = inliers_of(params)
+    best_cnt = per_unit(mask.long())
     for _ in range(lo_iters):
-        cand = _fit_upright(rqx, rqy, rdx, rdy, mask.double())
+        cand = _fit_segments(rqx, rqy, rdx, rdy, mask.double(), per_unit, unit)
         ca, cc = cand[:, 0], cand[:, 2]
         sc = (ca * cc).clamp(min=0).sqrt()
         good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
         cmask = inliers_of(cand)
-        ccnt = cmask.sum(1)
+        ccnt = per_unit(cmask.long())
         better = good & (ccnt > best_cnt)
         if not bool(better.any()):
             break
         best_cnt = torch.where(better, ccnt, best_cnt)
         params = torch.where(better[:, None], cand, params)
-        mask = torch.where(better[:, None], cmask, mask)
-    return best_cnt, params.to(g.dtype), mask
+        mask = torch.where(better[unit], cmask, mask)
+    return best_cnt, params, mask
 
 
-def _fit_upright(
-    qx: torch.Tensor, qy: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, w: torch.Tensor
+def _fit_segments(
+    qx: torch.Tensor,
+    qy: torch.Tensor,
+    dx: torch.Tensor,
+    dy: torch.Tensor,
+    w: torch.Tensor,
+    per_unit: Any,
+    unit: torch.Tensor,
 ) -> torch.Tensor:
-    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per row; NaN where degenerate.
+    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per unit (segment sums).
 
-    Run in float64 (the degeneracy test, a relative determinant of 1e-9, is below float32's resolution).
+    NaN where degenerate: fewer than 3 inliers, or points on a line (a relative determinant below 1e-9, float64).
     """
-    sw = w.sum(1).clamp(min=1e-12)
-    mx, my = (w * qx).sum(1) / sw, (w * qy).sum(1) / sw
-    mu, mv = (w * dx).sum(1) / sw, (w * dy).sum(1) / sw
-    x, y, u, v = qx - mx[:, None], qy - my[:, None], dx - mu[:, None], dy - mv[:, None]
-    sxx, sxy, syy = (w * x * x).sum(1), (w * x * y).sum(1), (w * y * y).sum(1)
-    sxu, sxv, syv = (w * x * u).sum(1), (w * x * v).sum(1), (w * y * v).sum(1)
+    sw = per_unit(w)
+    swc = sw.clamp(min=1e-12)
+    mx, my = per_unit(w * qx) / swc, per_unit(w * qy) / swc
+    mu, mv = per_unit(w * dx) / swc, per_unit(w * dy) / swc
+    x, y, u, v = qx - mx[unit], qy - my[unit], dx - mu[unit], dy - mv[unit]
+    sxx, sxy, syy = per_unit(w * x * x), per_unit(w * x * y), per_unit(w * y * y)
+    sxu, sxv, syv = per_unit(w * x * u), per_unit(w * x * v), per_unit(w * y * v)
     nan = torch.full_like(sxx, float("nan"))
     a = torch.where(sxx > 1e-9, sxu / sxx.clamp(min=1e-12), nan)
     det = sxx * syy - sxy * sxy
-    okd = (det > 1e-9 * (sxx * syy).clamp(min=1e-12)) & (w.sum(1) >= 3)
+    okd = (det > 1e-9 * (sxx * syy).clamp(min=1e-12)) & (sw >= 3)
     b = torch.where(okd, (sxv * syy - syv * sxy) / det.clamp(min=1e-12), nan)
     c = torch.where(okd, (syv * sxx - sxv * sxy) / det.clamp(min=1e-12), nan)
     tx = mu - a * mx
