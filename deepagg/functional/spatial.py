@@ -663,11 +663,12 @@ def spatial_match(
     best = torch.zeros(n_units, dtype=torch.int64, device=dev)
     trans = torch.full((n_units, 5), float("nan"), dtype=dtype, device=dev)  # a, b, c, tx, ty
     unit, p, i, j = _correspondences(q, db, pairs)
-    qi, di = pairs[p, 0], pairs[p, 1]
-    # Per correspondence: coordinates and the hypothesis.
-    qc, dc = q.centers[qi, i], db.centers[di, j]
-    q11, q21, q22 = _cholesky_2x2(q.covariances[qi, i])
-    d11, d21, d22 = _cholesky_2x2(db.covariances[di, j])
+    # Per correspondence: coordinates and the hypothesis (flat feature indices: index_select is the fast gather).
+    fq = pairs[:, 0].index_select(0, p) * q.centers.shape[1] + i
+    fd = pairs[:, 1].index_select(0, p) * db.centers.shape[1] + j
+    qc, dc = q.centers.reshape(-1, 2).index_select(0, fq), db.centers.reshape(-1, 2).index_select(0, fd)
+    q11, q21, q22 = _cholesky_2x2(q.covariances.reshape(-1, 2, 2).index_select(0, fq))
+    d11, d21, d22 = _cholesky_2x2(db.covariances.reshape(-1, 2, 2).index_select(0, fd))
     ha = d11 / q11
     hc = d22 / q22
     hb = d21 / q11 - d22 * q21 / (q11 * q22)
@@ -685,8 +686,10 @@ def spatial_match(
     #    |d|^2 term, so a padded correspondence is never an inlier (no mask pass over the T x T scores).
     cf = cnt.clamp(min=1).to(dtype)
 
-    def centred(v: torch.Tensor) -> torch.Tensor:
-        return v - (torch.zeros(n_units, dtype=dtype, device=dev).index_add_(0, unit, v) / cf)[unit]
+    def centred(v: torch.Tensor) -> torch.Tensor:  # minus the unit's mean (correspondences are sorted by unit)
+        if not n_corr:
+            return v
+        return v - (torch.segment_reduce(v, "sum", lengths=cnt) / cf).index_select(0, unit)
 
     qx, qy, dx, dy = centred(qc[:, 0]), centred(qc[:, 1]), centred(dc[:, 0]), centred(dc[:, 1])
     tx = dx - ha * qx
@@ -738,14 +741,15 @@ def spatial_match(
             for c0 in range(0, len(units_all), per_chunk):
                 units = units_all[c0 : c0 + per_chunk]
                 idx = torch.where(r[None] < cnt[units][:, None], start[units][:, None] + r[None], n_corr)
-                counts = (torch.bmm(w[idx], mono[idx].mT) <= thr).sum(-1)  # (U, T hypotheses)
+                close = torch.bmm(w[idx], mono[idx].mT) <= thr
+                counts = close.view(torch.uint8).sum(-1, dtype=torch.int32)  # (U, T hypotheses); bool sums are slow
                 counts = torch.where(ok_s[idx], counts, torch.zeros_like(counts))
                 top, h = counts.max(1)  # first max
                 chosen_h[units] = torch.where(top > 0, idx.gather(1, h[:, None])[:, 0], n_corr)
     # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list of
     #    correspondences (segment sums by unit; no padding).
     if len(present):
-        res = _refine(unit, chosen_h, qc, dc, ha, hb, hc, n_units, err2, lo_iters, max_scale_change)
+        res = _refine(unit, cnt, chosen_h, qc, dc, ha, hb, hc, err2, lo_iters, max_scale_change)
         best, trans = res[0], res[1].to(dtype)
         if return_matches:
             for u in present.tolist():
@@ -795,13 +799,13 @@ def _geometric_ceil(n: torch.Tensor) -> torch.Tensor:
 
 def _refine(
     unit: torch.Tensor,
+    cnt: torch.Tensor,
     h: torch.Tensor,
     qc: torch.Tensor,
     dc: torch.Tensor,
     ha: torch.Tensor,
     hb: torch.Tensor,
     hc: torch.Tensor,
-    n_units: int,
     err2: float,
     lo_iters: int,
     max_scale_change: float,
@@ -816,36 +820,39 @@ def _refine(
     has = h < n
     hs = h.clamp(max=max(n - 1, 0))
     rqx, rqy, rdx, rdy = qc[:, 0].double(), qc[:, 1].double(), dc[:, 0].double(), dc[:, 1].double()
-    a, b, c = ha.double()[hs], hb.double()[hs], hc.double()[hs]
-    tx = rdx[hs] - a * rqx[hs]
-    ty = rdy[hs] - b * rqx[hs] - c * rqy[hs]
+    a, b, c = (v.index_select(0, hs).double() for v in (ha, hb, hc))
+    tx = rdx.index_select(0, hs) - a * rqx.index_select(0, hs)
+    ty = rdy.index_select(0, hs) - b * rqx.index_select(0, hs) - c * rqy.index_select(0, hs)
     nan = torch.full_like(a, float("nan"))
     params = torch.where(has[:, None], torch.stack([a, b, c, tx, ty], 1), nan[:, None])
 
     def inliers_of(p: torch.Tensor) -> torch.Tensor:
-        pu = p[unit]
+        pu = p.index_select(0, unit)
         ex = pu[:, 0] * rqx + pu[:, 3] - rdx
         ey = pu[:, 1] * rqx + pu[:, 2] * rqy + pu[:, 4] - rdy
         return ex * ex + ey * ey <= err2  # NaN parameters: False
 
-    def per_unit(v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_units, dtype=v.dtype, device=v.device).index_add_(0, unit, v)
+    def per_unit(v: torch.Tensor) -> torch.Tensor:  # segment sums (the correspondences are sorted by unit)
+        return torch.segment_reduce(v, "sum", lengths=cnt)
+
+    def count(m: torch.Tensor) -> torch.Tensor:
+        return per_unit(m.double()).round().long()
 
     mask = inliers_of(params)
-    best_cnt = per_unit(mask.long())
+    best_cnt = count(mask)
     for _ in range(lo_iters):
         cand = _fit_segments(rqx, rqy, rdx, rdy, mask.double(), per_unit, unit)
         ca, cc = cand[:, 0], cand[:, 2]
         sc = (ca * cc).clamp(min=0).sqrt()
         good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
         cmask = inliers_of(cand)
-        ccnt = per_unit(cmask.long())
+        ccnt = count(cmask)
         better = good & (ccnt > best_cnt)
         if not bool(better.any()):
             break
         best_cnt = torch.where(better, ccnt, best_cnt)
         params = torch.where(better[:, None], cand, params)
-        mask = torch.where(better[unit], cmask, mask)
+        mask = torch.where(better.index_select(0, unit), cmask, mask)
     return best_cnt, params, mask
 
 
@@ -866,7 +873,7 @@ def _fit_segments(
     swc = sw.clamp(min=1e-12)
     mx, my = per_unit(w * qx) / swc, per_unit(w * qy) / swc
     mu, mv = per_unit(w * dx) / swc, per_unit(w * dy) / swc
-    x, y, u, v = qx - mx[unit], qy - my[unit], dx - mu[unit], dy - mv[unit]
+    x, y, u, v = (t - m.index_select(0, unit) for t, m in ((qx, mx), (qy, my), (dx, mu), (dy, mv)))
     sxx, sxy, syy = per_unit(w * x * x), per_unit(w * x * y), per_unit(w * y * y)
     sxu, sxv, syv = per_unit(w * x * u), per_unit(w * x * v), per_unit(w * y * v)
     nan = torch.full_like(sxx, float("nan"))
