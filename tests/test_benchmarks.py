@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks import bench_spatial
 from benchmarks import run as bench_run
 
 
@@ -12,7 +13,7 @@ def test_benchmarks_quick(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     rows = bench_run.main(["--quick", "--json", str(out)])
     names = {r["bench"] for r in rows}
-    assert names == {"diffusion", "embedding", "heat", "metrics", "pooling", "qe"}
+    assert names == {"diffusion", "embedding", "heat", "metrics", "pooling", "qe", "spatial"}
     for r in rows:
         assert r["ours_ms"] > 0
         assert r["ref_ms"] > 0
@@ -21,3 +22,29 @@ def test_benchmarks_quick(tmp_path: Path, capsys) -> None:
     assert payload["meta"]["quick"] is True
     assert len(payload["rows"]) == len(rows)
     assert "| bench | case |" in capsys.readouterr().out
+
+
+def test_bench_spatial_quick(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The synthetic positives (warps of the query) must be found: more inliers than the negatives.
+    q, db, pos = bench_spatial.synthetic_features(12, 128, 3, positives=0.25)
+    assert len(q) == 1
+    assert len(db) == 12
+    assert int(pos.sum()) == 3
+    assert (db.counts() == 128).all()
+    inl = bench_spatial.spatial_match(q, db).inliers
+    assert inl[pos].min() > inl[~pos].max()
+    # --real without feature maps: says so and falls back to the synthetic features.
+    monkeypatch.setattr(bench_spatial, "FEATURE_DIR", tmp_path / "none")
+    *_, source = bench_spatial.inputs(2, 16, 3, True, 0.5)
+    assert source == "synthetic"
+    assert "real inputs skipped" in capsys.readouterr().out
+    rows = bench_spatial.main(["--quick", "--device", "cuda", "--profile", "--json", str(tmp_path / "spatial.json")])
+    assert [r["bench"] for r in rows].count("spatial") == len(rows) >= 4
+    assert all(r["ours_ms"] > 0 and r["ref_ms"] > 0 for r in rows)
+    assert rows[0]["max_abs_diff"] == 0  # batched == per-pair loop, inlier counts
+    out = capsys.readouterr().out
+    assert "tentative correspondences per pair: mean" in out
+    assert "target <= 50 ms per query: " in out
+    assert ">= 20x the per-pair loop: " in out
+    assert "cProfile, one call" in out
+    assert json.loads((tmp_path / "spatial.json").read_text())["summary"]["pairs"] == 8
