@@ -495,7 +495,8 @@ BAD_OVERRIDES = [
     (
         ["+rerank._target_=tests.test_eval_app.NeedsRegions"],
         r"re-ranker NeedsRegions requires extra inputs \['knn_graph'\] \(its `requires`\) that this app cannot "
-        r"provide yet \(it provides \['db_region_mask', 'db_regions', 'q_region_mask', 'q_regions'\]\)",
+        r"provide yet \(it provides \['db_local_features', 'db_region_mask', 'db_regions', 'q_local_features', "
+        r"'q_region_mask', 'q_regions'\]\)",
     ),
 ]  # fmt: skip
 

@@ -106,7 +106,8 @@ def test_regional_diffusion_runs_on_region_vectors(fake_root: Path) -> None:
 
 
 def test_regional_diffusion_needs_cached_maps(fake_root: Path) -> None:
-    with pytest.raises(app.ConfigError, match=r"needs region vectors .* set store=maps \(got store=descriptors\)"):
+    msg = r"needs \['db_regions', .*\(region vectors or local features\).* set store=maps \(got store=descriptors\)"
+    with pytest.raises(app.ConfigError, match=msg):
         _run([*REGIONAL, "store=descriptors"], fake_root)
     with pytest.raises(app.ConfigError, match=r"save_descriptors must be false, true or regions; got 'all'"):
         _run([*GLOBAL, "save_descriptors=all"], fake_root)
