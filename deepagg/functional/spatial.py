@@ -443,7 +443,8 @@ def activation_features(
     }
     device = maps[0].device
     b = maps[0].shape[0]
-    per_image = []
+    sizes = torch.tensor([[list(m.shape[-2:]) for m in maps]], dtype=torch.int64)  # (1, S, 2)
+    per_image: list[LocalFeatures] = []
     for i in range(b):
         parts = []
         for s, m in enumerate(maps):
@@ -482,25 +483,19 @@ def activation_features(
         ch_t = torch.cat([p[3] for p in parts])
         sc_t = torch.cat([p[4] for p in parts])
         top = torch.argsort(st_t, descending=True, stable=True)[:max_features]
-        per_image.append((cen_t[top], cov_t[top], st_t[top], ch_t[top], sc_t[top]))
-    n = max((len(p[2]) for p in per_image), default=0)
-    out = LocalFeatures(
-        torch.zeros(b, n, 2),
-        torch.zeros(b, n, 2, 2),
-        torch.zeros(b, n),
-        torch.full((b, n), -1, dtype=torch.int64),
-        torch.full((b, n), -1, dtype=torch.int64),
-        torch.zeros(b, n, dtype=torch.bool),
-        torch.tensor([[list(m.shape[-2:]) for m in maps]] * b, dtype=torch.int64).reshape(b, len(maps), 2),
-    )
-    for i, (cen_t, cov_t, st_t, ch_t, sc_t) in enumerate(per_image):
-        k = len(st_t)
-        out.centers[i, :k] = cen_t
-        out.covariances[i, :k] = cov_t
-        out.strengths[i, :k] = st_t
-        out.channels[i, :k] = ch_t
-        out.scales[i, :k] = sc_t
-        out.mask[i, :k] = True
+        k = len(top)
+        per_image.append(
+            LocalFeatures(
+                cen_t[top][None],
+                cov_t[top][None],
+                st_t[top][None],
+                ch_t[top][None],
+                sc_t[top][None],
+                torch.ones(1, k, dtype=torch.bool),
+                sizes,
+            )
+        )
+    out = LocalFeatures.cat(per_image) if per_image else LocalFeatures.empty(0, len(maps))
     out_dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
     return out.to(device, dtype=out_dtype)
 
