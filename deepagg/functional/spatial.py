@@ -674,7 +674,7 @@ def spatial_match(
     present = (cnt > 0).nonzero().flatten()
     err2 = float(error) ** 2
     n_corr = len(unit)
-    keep_matches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    flat_mask = torch.zeros(n_corr, dtype=torch.bool, device=dev)
     # 1. Score every hypothesis of every unit: the squared transfer error of hypothesis h on correspondence t is
     #    <w_h, m_t> over 12 monomials of the unit-centred coordinates (centring keeps the expanded squares small in
     #    float32), so one bmm per chunk of units scores them all. Row n_corr is a sentinel for padding: a huge
@@ -745,11 +745,7 @@ def spatial_match(
     #    correspondences (segment sums by unit; no padding).
     if len(present):
         res = _refine(unit, cnt, chosen_h, qc, dc, ha, hb, hc, err2, lo_iters, max_scale_change)
-        best, trans = res[0], res[1].to(dtype)
-        if return_matches:
-            for u in present.tolist():
-                sl = slice(int(start[u]), int(start[u] + cnt[u]))
-                keep_matches[u] = (torch.arange(sl.start, sl.stop, device=dev), res[2][sl])
+        best, trans, flat_mask = res[0], res[1].to(dtype), res[2]
     per_pair = best.reshape(n_pairs, s * s)
     inl, arg = per_pair.max(1)  # first max: the lower (query scale, database scale)
     chosen = torch.arange(n_pairs, device=dev) * s * s + arg
@@ -768,17 +764,18 @@ def spatial_match(
     matches: torch.Tensor | None = None
     mask_out: torch.Tensor | None = None
     if return_matches:
-        rows = [keep_matches.get(u) if not bool(none[k]) else None for k, u in enumerate(chosen.tolist())]
-        width = max((len(r[0]) for r in rows if r is not None), default=0)
-        matches = torch.full((n_pairs, width, 2), -1, dtype=torch.int64, device=dev)
-        mask_out = torch.zeros(n_pairs, width, dtype=torch.bool, device=dev)
-        for k, row in enumerate(rows):
-            if row is None:
-                continue
-            n = len(row[0])
-            matches[k, :n, 0] = i[row[0]]
-            matches[k, :n, 1] = j[row[0]]
-            mask_out[k, :n] = row[1]
+        # The correspondences of each pair's chosen unit (none without inliers), gathered padded in one go.
+        n_chosen = torch.where(none, torch.zeros_like(inl), cnt[chosen])
+        width = int(n_chosen.max()) if n_pairs else 0
+        r = torch.arange(width, device=dev)
+        ok_m = r[None] < n_chosen[:, None]
+        k_idx = torch.where(ok_m, start[chosen][:, None] + r[None], 0).clamp(max=max(n_corr - 1, 0))
+        if n_corr:
+            matches = torch.where(ok_m[..., None], torch.stack([i[k_idx], j[k_idx]], -1), -1)
+            mask_out = flat_mask[k_idx] & ok_m
+        else:
+            matches = torch.full((n_pairs, width, 2), -1, dtype=torch.int64, device=dev)
+            mask_out = torch.zeros(n_pairs, width, dtype=torch.bool, device=dev)
     return SpatialMatch(inl, transforms, sp, matches, mask_out)
 
 
