@@ -82,11 +82,11 @@ class TestClassifyView:
         assert clutter_mod._warp_score(-3.0, 0.25) == pytest.approx(1.0)
 
 
-def _fake_folder(root: Path, variant: str, version: str) -> None:
-    """A ``<root>/<name>`` that ensure_clutter takes for a build of ``variant`` by builder ``version``."""
-    folder = root / VARIANTS[variant].name
+def _fake_folder(root: Path, variant: str, version: str, seed: int = 0) -> None:
+    """A ``<root>/<name>`` that ensure_clutter takes for a build of ``variant`` by builder ``version`` with ``seed``."""
+    folder = root / (VARIANTS[variant].name + (f"_seed{seed}" if seed else ""))
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"seed": 0, "variant": variant, "builder_version": version}
+    manifest = {"seed": seed, "variant": variant, "builder_version": version}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with (folder / f"gnd_{folder.name}.pkl").open("wb") as fh:
         pickle.dump({"imlist": [], "qimlist": [], "gnd": []}, fh)
@@ -139,6 +139,66 @@ class TestVariants:
         assert var.queries == VARIANTS["default"].queries
         same = ("out_long", "home_cap", "scene_cap", "min_object_px", "home_background", "scene_distractors")
         assert all(getattr(var, k) == getattr(VARIANTS["default"], k) for k in same)
+
+
+class TestSeeds:
+    """Seed N != 0 is an independent draw in its own folder ``<name>_seed<N>``, with its own object/photo split."""
+
+    def test_names(self):
+        assert [clutter_mod._dataset_name(v, 0, "f") for v in ("default", "tiny", "train")] == [
+            "clutter",
+            "clutter_tiny",
+            "clutter_train",
+        ]
+        assert clutter_mod._dataset_name("default", 1, "f") == "clutter_seed1"
+        assert clutter_mod._dataset_name("train", 12, "f") == "clutter_train_seed12"
+
+    @pytest.mark.parametrize("seed", [-1, 1.0, True, "1"])
+    def test_bad_seed_ensure(self, tmp_path, seed):
+        with pytest.raises(ValueError, match=r"ensure_clutter\(\): seed must be a non-negative int"):
+            ensure_clutter(tmp_path, "tiny", seed)
+
+    def test_ensure_keeps_one_folder_per_seed(self, tmp_path, monkeypatch):
+        calls = []
+
+        def fake_build(root, *, variant, seed, cache_dir, overwrite, progress):
+            calls.append((variant, seed))
+            _fake_folder(Path(root), variant, VARIANTS[variant].version, seed)
+
+        monkeypatch.setattr(clutter_mod, "build_clutter", fake_build)
+        for seed in (0, 1, 0, 1, 2):  # alternating seeds build each one once
+            ds = ensure_clutter(tmp_path, "default", seed, progress=False)
+            assert ds.name == ("clutter" if seed == 0 else f"clutter_seed{seed}")
+            assert ds.root == tmp_path / ds.name
+            assert ds.extra["manifest"]["seed"] == seed
+        assert calls == [("default", 0), ("default", 1), ("default", 2)]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["clutter", "clutter_seed1", "clutter_seed2"]
+
+    def test_seed_0_split_is_the_fixed_rule(self):
+        assert clutter_mod._splits(44, 0, "objects") == [clutter_mod._split_of(i) for i in range(44)]
+        sides = [3000, 2000, 1000] * 20
+        assert clutter_mod._photo_splits(sides, 0) == [clutter_mod._split_of(i) for i in range(60)]
+
+    @pytest.mark.parametrize("seed", [1, 2, 7])
+    def test_other_seeds_split_a_quarter(self, seed):
+        n = len(sources_mod.STAMP_OBJECTS)
+        split = clutter_mod._splits(n, seed, "objects")
+        assert split == clutter_mod._splits(n, seed, "objects")  # a function of the seed only (every variant)
+        assert split.count("train") == n // 4
+        assert split != clutter_mod._splits(n, 0, "objects")
+        # photos: a quarter of each size group (halve >= 2560 px, home >= 1800 px, smaller), so every seed's test
+        # split has home regions for all its objects, as seed 0 has
+        sides = [3000] * 28 + [2000] * 3 + [1000] * 30
+        photo = clutter_mod._photo_splits(sides, seed)
+        for lo, hi in ((0, 28), (28, 31), (31, 61)):
+            assert photo[lo:hi].count("train") == (hi - lo) // 4
+
+    def test_seeds_draw_other_objects(self):
+        n = len(sources_mod.STAMP_OBJECTS)
+        test = {s: {i for i, v in enumerate(clutter_mod._splits(n, s, "objects")) if v == "test"} for s in range(4)}
+        for seed in (1, 2, 3):
+            assert test[seed] - test[0], f"seed {seed} tests no object that seed 0 does not"
+        assert len({frozenset(t) for t in test.values()}) == 4
 
 
 class TestGeometry:
@@ -310,6 +370,11 @@ def tiny(debs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_seed1(debs, tmp_path_factory) -> Path:
+    return build_clutter(tmp_path_factory.mktemp("tiny_s1"), variant="tiny", seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
 def builder_v1_1() -> Iterator[types.ModuleType | str]:
     """``deepagg/data/clutter.py`` as of :data:`V1_1_COMMIT`, imported under another name; or why it cannot be."""
     repo = Path(__file__).resolve().parents[1]
@@ -398,15 +463,26 @@ class TestSources:
         assert len(photos) == sum(len(v) for v in sources_mod.SCENE_FILES.values())
         assert all(p.path.is_file() for p in photos)
 
-    def test_splits_are_disjoint(self, debs):
-        test_ctx, test_ids, *_ = clutter_mod._catalogue(VARIANTS["default"], 0, None, False)
-        train_ctx, train_ids, *_ = clutter_mod._catalogue(VARIANTS["train"], 0, None, False)
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_splits_are_disjoint(self, debs, seed):
+        test_ctx, test_ids, *_ = clutter_mod._catalogue(VARIANTS["default"], seed, None, False)
+        train_ctx, train_ids, *_ = clutter_mod._catalogue(VARIANTS["train"], seed, None, False)
         assert not set(test_ids) & set(train_ids)
         test_photos = {r.src.key for r in test_ctx.scenes} | {s.key for s in test_ctx.occluders}
         train_photos = {r.src.key for r in train_ctx.scenes} | {s.key for s in train_ctx.occluders}
         assert not test_photos & train_photos
         assert len(test_ids) == 33
         assert len(train_ids) == 11
+        tiny_ctx, tiny_ids, *_ = clutter_mod._catalogue(VARIANTS["tiny"], seed, None, False)
+        assert set(tiny_ids) <= set(test_ids)
+        assert {r.src.key for r in tiny_ctx.scenes} <= test_photos
+
+    def test_seed_1_tests_other_objects(self, debs):
+        _, test0, *_ = clutter_mod._catalogue(VARIANTS["default"], 0, None, False)
+        _, train0, *_ = clutter_mod._catalogue(VARIANTS["train"], 0, None, False)
+        _, test1, *_ = clutter_mod._catalogue(VARIANTS["default"], 1, None, False)
+        assert set(test1) - set(test0)  # objects seed 0 trains on are test objects of seed 1
+        assert set(test1) - set(test0) <= set(train0)
 
 
 @pytest.mark.debian
@@ -491,11 +567,31 @@ class TestTinyBuild:
         assert _image_hashes(again) == _image_hashes(tiny)
         assert (again / "manifest.json").read_bytes() == (tiny / "manifest.json").read_bytes()
 
-    def test_other_seed_differs(self, tiny, tmp_path):
-        other = build_clutter(tmp_path, variant="tiny", seed=1, progress=False)
+    def test_other_seed_differs(self, tiny, tiny_seed1):
+        other = tiny_seed1
+        assert other.name == f"{NAME}_seed1"
         a, b = _image_hashes(other), _image_hashes(tiny)
         assert not set(a.values()) & set(b.values())
-        assert (other / f"gnd_{NAME}.pkl").read_bytes() != (tiny / f"gnd_{NAME}.pkl").read_bytes()
+        assert (other / f"gnd_{NAME}_seed1.pkl").read_bytes() != (tiny / f"gnd_{NAME}.pkl").read_bytes()
+        m0, m1 = _manifest(tiny), _manifest(other)
+        assert (m1["dataset"], m1["variant"], m1["seed"]) == (f"{NAME}_seed1", "tiny", 1)
+        assert m1["split_rule"] != m0["split_rule"]
+        assert "permuted" in m1["split_rule"]
+        assert "index % 4 == 3" in m0["split_rule"]
+        assert {o["id"] for o in m1["objects"]} != {o["id"] for o in m0["objects"]}
+        ds = load_gnd(other, other.name)
+        assert ds.num_queries == 8
+        assert all(p.is_file() for p in ds.images + ds.queries)
+
+    def test_other_seed_stays_in_its_split(self, tiny_seed1, debs):
+        # every object and photo of the seed-1 build is in seed 1's test split, none in its train split
+        train_ctx, train_ids, *_ = clutter_mod._catalogue(VARIANTS["train"], 1, None, False)
+        train_photos = {r.src.key for r in train_ctx.scenes} | {s.key for s in train_ctx.occluders}
+        m = _manifest(tiny_seed1)
+        assert not {o["id"] for o in m["objects"]} & set(train_ids)
+        photos = {s["key"] for s in m["sources"] if s["package"] != sources_mod.STAMP_PACKAGE}
+        assert photos
+        assert not photos & train_photos
 
     def test_interrupted_build_leaves_nothing(self, debs, tmp_path, monkeypatch):
         calls = {"n": 0}
@@ -522,7 +618,7 @@ class TestTinyBuild:
 
         monkeypatch.setattr(clutter_mod, "_check_distinct", boom)
         with pytest.raises(RuntimeError, match="simulated failure"):
-            build_clutter(root, variant="tiny", seed=3, overwrite=True, progress=False)
+            build_clutter(root, variant="tiny", seed=0, overwrite=True, progress=False)
         assert sorted(p.name for p in root.iterdir()) == [NAME]
         assert _image_hashes(root / NAME) == before
         assert _manifest(root / NAME)["seed"] == 0
@@ -546,11 +642,20 @@ class TestTinyBuild:
         assert ds.extra["manifest"]["seed"] == 0
         assert len(ds.fingerprint) == 64
 
+        before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / NAME).rglob("*") if p.is_file()}
         ds1 = ensure_clutter(root, "tiny", 1, progress=False)
         assert calls == [1]
+        assert ds1.name == f"{NAME}_seed1"
+        assert ds1.root == root / f"{NAME}_seed1"
         assert ds1.extra["manifest"]["seed"] == 1
         assert ds1.fingerprint != ds.fingerprint
         ensure_clutter(root, "tiny", 1, progress=False)
+        assert calls == [1]
+        # the seed-0 folder is untouched by the seed-1 build, and reused as it was
+        after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / NAME).rglob("*") if p.is_file()}
+        assert after == before
+        assert sorted(p.name for p in root.iterdir()) == [NAME, f"{NAME}_seed1"]
+        assert ensure_clutter(root, "tiny", 0, progress=False).fingerprint == ds.fingerprint
         assert calls == [1]
 
 
