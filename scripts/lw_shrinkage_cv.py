@@ -26,13 +26,13 @@ from deepagg import Whiten
 from deepagg.metrics import evaluate_revisited
 from lightning_apps import eval as app
 from lightning_apps.extract import FeatureCache, inspect_images, model_id
+from lightning_apps.paths import CONF_DIR
 
 GRID = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def main(overrides: list[str]) -> None:
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["trainer.enable_progress_bar=false", *overrides])
     cfg = app.with_default_dataset(cfg)
     app.resolve_precision(cfg)
