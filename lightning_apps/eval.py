@@ -93,6 +93,7 @@ from lightning_apps.extract import (
     sift_selection,
 )
 from lightning_apps.metrics import RevisitedMAP
+from lightning_apps.paths import CONF_DIR
 from lightning_apps.report import format_table, save_grid, write_results
 
 log = logging.getLogger("lightning_apps.eval")
@@ -112,7 +113,6 @@ class _NoAdverts(logging.Filter):
 for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_NoAdverts())
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_DATASET = "clutter"
 # The training set whitening is fitted on when ``whiten_train`` is null: never the test images.
 WHITEN_TRAIN = {
@@ -150,11 +150,29 @@ def dataset_config(name: str) -> DictConfig:
 
 
 def with_default_dataset(cfg: DictConfig) -> DictConfig:
-    """Compose ``dataset/clutter.yaml`` into ``cfg`` when the user chose no dataset (design.md section 5)."""
-    if cfg.get("dataset") is None:
+    """Compose ``dataset/clutter.yaml`` into ``cfg`` when the user chose no dataset (design.md section 5).
+
+    Keys the user set without choosing a dataset (``dataset.seed=1``, which :func:`dataset_key_overrides` turns
+    into ``+dataset.seed=1``) are merged over it.
+    """
+    node = cfg.get("dataset")
+    if node is None or "_target_" not in node:
         with open_dict(cfg):
-            cfg.dataset = dataset_config(DEFAULT_DATASET)
+            cfg.dataset = OmegaConf.merge(dataset_config(DEFAULT_DATASET), node if node is not None else {})
     return cfg
+
+
+def dataset_key_overrides(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``dataset.<key>=<value>`` made ``+dataset.<key>=<value>`` when no dataset is chosen.
+
+    ``dataset`` is deliberately absent from the defaults list (so that ``+dataset=roxf`` works), so Hydra would
+    refuse ``dataset.seed=1`` ("not in struct"); with this rewrite it sets a key of the default ``clutter``
+    (:func:`with_default_dataset`). With a dataset chosen (``+dataset=...``) nothing changes.
+    """
+    chosen = any(a.lstrip("+~").split("=", 1)[0] == "dataset" for a in argv[1:])
+    if chosen:
+        return list(argv)
+    return [argv[0], *(f"+{a}" if a.startswith("dataset.") and "=" in a else a for a in argv[1:])]
 
 
 def _is_int(v: Any) -> bool:
@@ -355,6 +373,26 @@ class Pipeline:
     model: str
     pool_id: str
     used_keys: set[str] = field(default_factory=set)
+    pool_node: Any = None  # the config node the pool was built from (part of a learned pool's cache key)
+    session: Any = None  # the Session whose timings get the extraction seconds
+
+    def extract(self, items: Sequence[ExtractionItem], **kwargs: Any) -> dict[int, str]:
+        """:func:`extract_maps` of ``items`` with this pipeline's trainer, backbone and cache; timed."""
+        t = time.perf_counter()
+        c = self.cfg
+        try:
+            return extract_maps(
+                self.trainer,
+                self.backbone,
+                items,
+                self.cache,
+                batch_size=int(c.batch_size),
+                num_workers=int(c.num_workers),
+                **kwargs,
+            )
+        finally:
+            if self.session is not None:
+                self.session.add_time("extraction", time.perf_counter() - t)
 
     def plans(self, infos: Sequence[ImageInfo], bbx: Sequence[Any] | None) -> list[list[ExtractionItem]]:
         c = self.cfg
@@ -389,13 +427,8 @@ class Pipeline:
             self.used_keys.update(k for k in keys if k is not None)
             for _attempt in range(3):
                 failures.update(
-                    extract_maps(
-                        self.trainer,
-                        self.backbone,
+                    self.extract(
                         items,
-                        self.cache,
-                        batch_size=int(c.batch_size),
-                        num_workers=int(c.num_workers),
                         overwrite=bool(c.overwrite) and _attempt == 0,
                         pool=self.pool if descriptors else None,
                         keys=keys,
@@ -667,14 +700,7 @@ def local_feature_extras(
             for items in plans:
                 sub = [items[i] for i in todo]
                 pipe.used_keys.update(it.key for it in sub if it.key is not None)
-                bad = extract_maps(
-                    pipe.trainer,
-                    pipe.backbone,
-                    sub,
-                    pipe.cache,
-                    batch_size=int(c.batch_size),
-                    num_workers=int(c.num_workers),
-                )
+                bad = pipe.extract(sub)
                 if bad:
                     log.warning("dsm: %d %s images could not be extracted; they get no local features", len(bad), role)
             t0, step = time.perf_counter(), max(1, len(todo) // 10)
@@ -778,7 +804,9 @@ def _need_datasets(
 
     The training set (``whiten_train``, or the test set's partner in :data:`WHITEN_TRAIN`) serves to fit the
     whitening, with ``center`` the pool's centre (its database images' mean local feature), and with ``fit`` (the
-    pool's class name) a learned pool (:func:`fit_pool`).
+    pool's class name) a learned pool (:func:`fit_pool`). The partner of a built ``clutter`` draw
+    (``dataset.seed=N``, dataset ``<name>_seed<N>``) is built with the same seed (``clutter_train_seed<N>``), which
+    shares no object and no photo with it; an explicit ``whiten_train`` keeps its own config.
     """
     errors: list[str] = []
     test: RetrievalDataset | None = None
@@ -797,7 +825,13 @@ def _need_datasets(
     center = center or bool(fit)  # the pool's own fit needs the training set whatever whiten says
     if uses:
         test_name = test.name if test is not None else str(cfg.dataset.get("name", cfg.dataset.get("variant", "")))
-        train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(test_name)
+        # A built clutter draw (dataset.seed=N, named <name>_seed<N>) gets its variant's partner drawn with the same
+        # seed: the two splits of one seed share no object and no photo (deepagg.data.clutter). whiten_train=<name>
+        # keeps that config's own seed.
+        draw = cfg.dataset.get("seed") if type_name(cfg.dataset) == "ensure_clutter" else None
+        inherit = bool(draw) and not cfg.get("whiten_train")
+        variant_name = test_name.removesuffix(f"_seed{draw}") if draw else test_name
+        train_name = cfg.get("whiten_train") or WHITEN_TRAIN.get(variant_name)
         if train_name is None:
             if not center:
                 raise ConfigError(
@@ -809,7 +843,8 @@ def _need_datasets(
                 "whiten_train=<dataset> (it names the training set of the centre too)."
             )
         why = (
-            f"{train_name!r} is needed to {' and '.join(uses)} "
+            f"{train_name!r}{f' (dataset.seed={draw}, as the test set)' if inherit else ''} is needed to "
+            f"{' and '.join(uses)} "
             + (
                 "(whiten_train)"
                 if cfg.get("whiten_train")
@@ -819,7 +854,10 @@ def _need_datasets(
             + (" or whiten=none to run without it" if not center else "")
         )
         try:
-            train = load_dataset(dataset_config(str(train_name)), cfg)
+            train_node = dataset_config(str(train_name))
+            if inherit and "seed" in train_node:
+                train_node.seed = draw
+            train = load_dataset(train_node, cfg)
         except DatasetNotFoundError as err:
             errors.append(f"{why}: {err}")
     if errors:
@@ -860,15 +898,7 @@ def _stream_train_maps(
     for _attempt in range(3):
         good: list[ExtractionItem] = []
         for items in plans:
-            failures = extract_maps(
-                pipe.trainer,
-                pipe.backbone,
-                items,
-                pipe.cache,
-                batch_size=int(c.batch_size),
-                num_workers=int(c.num_workers),
-                overwrite=bool(c.overwrite) and _attempt == 0,
-            )
+            failures = pipe.extract(items, overwrite=bool(c.overwrite) and _attempt == 0)
             good += [it for i, it in enumerate(items) if it.key is not None and i not in failures]
         if not good:
             raise ImageReadError(f"eval: no database image of {train.name!r} could be read to {what}.")
@@ -926,7 +956,7 @@ def fit_pool(pipe: Pipeline, train: RetrievalDataset, infos: Sequence[ImageInfo]
     ident = json.dumps(
         {
             "model": pipe.model,
-            "pool": _plain(c.pool),
+            "pool": _plain(pipe.pool_node if pipe.pool_node is not None else c.pool),
             "train": train.name,
             "train_manifest": _manifest_sha256(train),
             "train_images": [str(p) for p in train.images] if not _manifest_sha256(train) else len(train.images),
@@ -1003,39 +1033,103 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """The whole evaluation; returns the metric dict on the global-zero process (None elsewhere)."""
-    cfg = with_default_dataset(cfg)
-    check_config(cfg)
+# ------------------------------------------------------------------------------------------------------ stages
+# A run is explicit stages that every row of a side-by-side comparison (lightning_apps.compare) shares:
+# build_session (objects, datasets, guards: nothing extracted yet), describe_with (maps through the cache, one
+# pooling, its whitening), rerank_with (one re-ranker on descriptors already in memory) and score.
+
+
+@dataclass
+class Session:
+    """What every pipeline of a run shares: built backbone and trainer, datasets, image infos, cache, timings."""
+
+    cfg: DictConfig
+    trainer: pl.Trainer
+    backbone: torch.nn.Module
+    ckpt_sha256: str | None
+    ds: RetrievalDataset
+    train: RetrievalDataset | None
+    q_infos: list[ImageInfo]
+    db_infos: list[ImageInfo]
+    train_infos: tuple[list[ImageInfo], list[ImageInfo]] | None
+    model: str
+    cache: FeatureCache
+    precision: str
+    t0: float
+    #: Seconds per stage, in run order (``build`` = datasets; ``extraction`` = backbone feature maps, every call;
+    #: the rest named by the caller).
+    timings: dict[str, float] = field(default_factory=dict)
+    used_keys: set[str] = field(default_factory=set)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
+@dataclass
+class Described:
+    """One pooling's descriptors of the test set (whitened when the run whitens), and what made them."""
+
+    pool: torch.nn.Module
+    node: DictConfig
+    pipe: Pipeline
+    q: torch.Tensor
+    db: torch.Tensor
+    valid: torch.Tensor
+    failures: dict[int, str]
+    whiten: Any
+    q_plans: list[list[ExtractionItem]]
+    db_plans: list[list[ExtractionItem]]
+    center_sha256: str | None = None
+    pool_sha256: str | None = None
+    seconds: float = 0.0  # pooling + fits + whitening, extraction excluded
+    extras: dict[str, Any] = field(default_factory=dict)  # region vectors / local features, built once
+
+
+def build_rerank(cfg: DictConfig, node: DictConfig) -> Reranker | None:
+    """Instantiate and check one ``rerank`` node (None for ``rerank=none``); its graphs live by the features."""
+    if not node.get("_target_"):
+        return None
+    rerank = _instantiate(node, "rerank")
+    check_reranker(rerank, node.get("_target_"))
+    if rerank.requires and cfg.store != "maps":
+        raise ConfigError(
+            f"eval: rerank {type(rerank).__name__} needs {list(rerank.requires)} (region vectors or local "
+            f"features), which are computed from cached feature maps; set store=maps (got store={cfg.store})."
+        )
+    set_graph_cache(rerank, Path(cfg.cache_dir) / "graphs")
+    return rerank  # type: ignore[no-any-return]
+
+
+def build_session(
+    cfg: DictConfig, pool_nodes: Sequence[DictConfig], rerank_nodes: Sequence[DictConfig]
+) -> tuple[Session, list[torch.nn.Module], list[Reranker | None]]:
+    """Build every object the config names and check every input, before any extraction.
+
+    Builds the trainer, backbone (and checkpoint), every pool and re-ranker (each validates its own arguments),
+    loads (or builds: the ``build`` stage) the test set and the training set any pool or the whitening needs,
+    reads every image header, refuses unreadable queries and training sets that share content with the test set.
+    """
     t0 = time.perf_counter()
     pl.seed_everything(int(cfg.seed), verbose=False)
-    # 1. Build every object the config names (each validates its own arguments) and load the checkpoint.
     resolve_precision(cfg)
     trainer: pl.Trainer = _instantiate(cfg.trainer, "trainer")
     backbone = _instantiate(cfg.backbone, "backbone")
     ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"))
-    pool = _instantiate(cfg.pool, "pool").eval()
-    rerank = _instantiate(cfg.rerank, "rerank") if cfg.rerank.get("_target_") else None
-    if rerank is not None:
-        check_reranker(rerank, cfg.rerank.get("_target_"))
-        if rerank.requires and cfg.store != "maps":
-            raise ConfigError(
-                f"eval: rerank {type(rerank).__name__} needs {list(rerank.requires)} (region vectors or local "
-                f"features), which are computed from cached feature maps; set store=maps (got store={cfg.store})."
-            )
-        set_graph_cache(rerank, Path(cfg.cache_dir) / "graphs")
-    center = needs_center(pool)
-    learned = needs_fit(pool)
+    pools = [_instantiate(node, "pool").eval() for node in pool_nodes]
+    reranks = [build_rerank(cfg, node) for node in rerank_nodes]
     in_channels = getattr(backbone, "out_channels", None)
-    dim = pool.out_dim(in_channels) if in_channels is not None and hasattr(pool, "out_dim") else None
     wdim = _plain(cfg.whiten.get("dim")) if cfg.whiten.get("module") is not None else None
-    if dim is not None and wdim is not None and wdim > dim:
-        raise ConfigError(
-            f"eval: invalid configuration: whiten.dim must be at most the pooled dimension {dim} "
-            f"({type(pool).__name__} on {in_channels} channels); got {wdim}."
-        )
-    # 2. Every dataset the run needs, every query image, and the whitening guard, before any extraction.
-    ds, train, _ = _need_datasets(cfg, center=center, fit=type_name(cfg.pool) if learned else None)
+    for pool in pools:
+        dim = pool.out_dim(in_channels) if in_channels is not None and hasattr(pool, "out_dim") else None
+        if dim is not None and wdim is not None and wdim > dim:
+            raise ConfigError(
+                f"eval: invalid configuration: whiten.dim must be at most the pooled dimension {dim} "
+                f"({type(pool).__name__} on {in_channels} channels); got {wdim}."
+            )
+    center = any(needs_center(p) for p in pools)
+    learned = next((type_name(n) for p, n in zip(pools, pool_nodes, strict=True) if needs_fit(p)), None)
+    t_build = time.perf_counter()
+    ds, train, _ = _need_datasets(cfg, center=center, fit=learned)
     whiten_on = cfg.whiten.get("module") is not None
     q_infos, db_infos = inspect_images(ds.queries), inspect_images(ds.images)
     _check_queries(ds, q_infos, "test")
@@ -1047,9 +1141,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     elif train is not None and (center or learned):
         # The HeW centre and learned pools are fitted on the training set's database images: the same guard.
         train_infos = (inspect_images(train.images), [])
-        what = "the HeW centre of the pool" if center else f"pool={type_name(cfg.pool)}"
+        what = "the HeW centre of the pool" if center else f"pool={learned}"
         _check_whitening_guard(cfg, ds, train, db_infos + q_infos, train_infos[0], what)
-    # 3. Extraction (cached), descriptors, whitening, ranking.
+    build_seconds = time.perf_counter() - t_build
     precision = str(trainer.precision)
     model = model_id(
         backbone=_plain(cfg.backbone),
@@ -1058,61 +1152,134 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         device=_device_kind(trainer),
         seed=None if cfg.backbone.get("pretrained", True) else int(cfg.seed),
     )
-    cache = FeatureCache(Path(cfg.cache_dir))
-    pipe = Pipeline(cfg, trainer, backbone, pool, cache, model, _module_id(pool, cfg.pool))
-    center_sha256 = None
-    if center and train is not None:
+    session = Session(
+        cfg, trainer, backbone, ckpt_sha256, ds, train, q_infos, db_infos, train_infos, model,
+        FeatureCache(Path(cfg.cache_dir)), precision, t0,
+    )  # fmt: skip
+    session.add_time("setup", time.perf_counter() - t0 - build_seconds)
+    session.add_time("build", build_seconds)
+    return session, pools, reranks
+
+
+def describe_with(session: Session, pool: torch.nn.Module, node: DictConfig) -> Described:
+    """One pooling's (whitened) descriptors of the test set: fits (centre, learned pool, whitening) included.
+
+    Feature maps come from the cache (extracted on first use: timed as ``extraction`` in ``session.timings``),
+    so a second pooling of the same run extracts nothing.
+    """
+    cfg, train, train_infos = session.cfg, session.train, session.train_infos
+    t0 = time.perf_counter()
+    before = session.timings.get("extraction", 0.0)
+    pipe = Pipeline(cfg, session.trainer, session.backbone, pool, session.cache, session.model, _module_id(pool, node))
+    pipe.pool_node, pipe.session, pipe.used_keys = node, session, session.used_keys
+    out = Described(pool, node, pipe, *(torch.empty(0),) * 3, {}, None, [], [])  # type: ignore[arg-type]
+    if needs_center(pool) and train is not None:
         positions = fit_pool_center(pipe, train, train_infos[0] if train_infos else inspect_images(train.images))
         log.info("hew centre fitted on %s: %d positions", train.name, positions)
-        center_sha256 = hashlib.sha256(pool.center.detach().cpu().numpy().tobytes()).hexdigest()
+        out.center_sha256 = hashlib.sha256(pool.center.detach().cpu().numpy().tobytes()).hexdigest()
         # The descriptor cache key covers the fitted centre: another centre never reuses old descriptors.
-        pipe.pool_id = hashlib.sha256(f"{_module_id(pool, cfg.pool)}|center={center_sha256}".encode()).hexdigest()
-    pool_sha256, pool_cached_fit = None, False
-    if learned and train is not None:
-        pool_sha256, pool_cached_fit = fit_pool(
-            pipe, train, train_infos[0] if train_infos else inspect_images(train.images)
-        )
-        log.info("pool %s fitted on %s%s", type(pool).__name__, train.name, " (cached)" if pool_cached_fit else "")
-        pipe.pool_id = _module_id(pool, cfg.pool)  # the state_dict now holds the fit: new descriptor keys
-    q_plans, db_plans = pipe.plans(q_infos, ds.bbx), pipe.plans(db_infos, None)
-    q, q_fail = pipe.describe(q_plans)
+        pipe.pool_id = hashlib.sha256(f"{_module_id(pool, node)}|center={out.center_sha256}".encode()).hexdigest()
+    if needs_fit(pool) and train is not None:
+        out.pool_sha256, cached = fit_pool(pipe, train, train_infos[0] if train_infos else inspect_images(train.images))
+        log.info("pool %s fitted on %s%s", type(pool).__name__, train.name, " (cached)" if cached else "")
+        pipe.pool_id = _module_id(pool, node)  # the state_dict now holds the fit: new descriptor keys
+    ds = session.ds
+    out.q_plans, out.db_plans = pipe.plans(session.q_infos, ds.bbx), pipe.plans(session.db_infos, None)
+    out.q, q_fail = pipe.describe(out.q_plans)
     if q_fail:
         raise ImageReadError(f"eval: query images could not be read: {[str(ds.queries[i]) for i in q_fail][:5]}")
-    db, failures = pipe.describe(db_plans)
-    valid = torch.ones(ds.num_images, dtype=torch.bool)
-    valid[list(failures)] = False
-    whiten: Any = None
-    if train is not None and train_infos is not None and whiten_on:
-        whiten = fit_whitening(cfg, pipe, train, train_infos, db.shape[1])
+    out.db, out.failures = pipe.describe(out.db_plans)
+    out.valid = torch.ones(ds.num_images, dtype=torch.bool)
+    out.valid[list(out.failures)] = False
+    if train is not None and train_infos is not None and cfg.whiten.get("module") is not None:
+        out.whiten = fit_whitening(cfg, pipe, train, train_infos, out.db.shape[1])
         with torch.no_grad():
-            db, q = whiten(db), whiten(q)
+            out.db, out.q = out.whiten(out.db), out.whiten(out.q)
+    out.seconds = time.perf_counter() - t0 - (session.timings.get("extraction", 0.0) - before)
+    return out
+
+
+def rerank_with(session: Session, d: Described, rerank: Reranker | None) -> tuple[torch.Tensor, float]:
+    """Rankings of the test queries by ``d``'s descriptors and ``rerank``; returns them and the seconds it took.
+
+    The extras a re-ranker requires (region vectors, DSM local features) are built once per :class:`Described`
+    and kept in ``d.extras`` for the next re-ranker; their own time (detection, map extraction at other scales)
+    is not part of the returned seconds (``session.timings`` has it).
+    """
     needs = set(rerank.requires) if rerank is not None else set()
-    extras: dict[str, Any] | None = None
-    if needs & set(REGIONAL_EXTRAS):
-        extras = region_extras(pipe, q_plans, db_plans, whiten)
+    if needs & set(REGIONAL_EXTRAS) and "db_regions" not in d.extras:
+        t = time.perf_counter()
+        d.extras.update(region_extras(d.pipe, d.q_plans, d.db_plans, d.whiten))
+        session.add_time("region vectors", time.perf_counter() - t)
     dsm = find_dsm(rerank)
     if dsm is not None and needs & set(LOCAL_FEATURE_EXTRAS):
-        extras = {**(extras or {}), **local_feature_extras(pipe, dsm, q_infos, db_infos, ds.bbx)}
-    if cfg.get("save_descriptors") and trainer.is_global_zero:
-        if extras is None and cfg.save_descriptors == "regions":
-            extras = region_extras(pipe, q_plans, db_plans, whiten)
-        save_descriptors(Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir), q, db, valid, extras)
+        ident = ("dsm", tuple(dsm.scales), dsm.max_features, json.dumps(dsm.detector, sort_keys=True, default=str))
+        if d.extras.get("_dsm_ident") != ident:
+            t = time.perf_counter()
+            before = session.timings.get("extraction", 0.0)
+            d.extras.update(local_feature_extras(d.pipe, dsm, session.q_infos, session.db_infos, session.ds.bbx))
+            d.extras["_dsm_ident"] = ident
+            spent = time.perf_counter() - t - (session.timings.get("extraction", 0.0) - before)
+            session.add_time("local features (DSM)", spent)
+    extras = {k: v for k, v in d.extras.items() if k in needs}
     t_rank = time.perf_counter()
-    ranks = rank(q, db, rerank, valid, extras)
-    rank_seconds = time.perf_counter() - t_rank
-    if dsm is not None and extras is not None and trainer.is_global_zero:
-        save_dsm(Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir), dsm, ds, valid, extras)
-    # Under DDP (a process group is up) every process scores its share; compute() gathers the list states. When
-    # nothing had to be extracted no group was started, and this process scores every query itself.
+    ranks = rank(d.q, d.db, rerank, d.valid, extras or None)
+    return ranks, time.perf_counter() - t_rank
+
+
+def score(session: Session, ranks: torch.Tensor) -> dict[str, Any] | None:
+    """Revisitop metrics of the rankings (every DDP process scores its share); None off the global-zero process.
+
+    Under DDP (a process group is up) every process scores its share; compute() gathers the list states. When
+    nothing had to be extracted no group was started, and this process scores every query itself.
+    """
+    ds = session.ds
     world, me = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed() else (1, 0)
     mine = torch.arange(me, ds.num_queries, world)
-    metric = RevisitedMAP(ds.gnd, kappas=tuple(cfg.kappas))
+    metric = RevisitedMAP(ds.gnd, kappas=tuple(session.cfg.kappas))
     metric.update(ranks[mine], mine)
     results = metric.compute()
-    if me != 0 or not trainer.is_global_zero:
+    if me != 0 or not session.trainer.is_global_zero:
         return None
+    return results  # type: ignore[no-any-return]
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """``output_dir``, or Hydra's run folder."""
+    return Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The whole evaluation of one pipeline; returns the metric dict on the global-zero process (None elsewhere)."""
+    cfg = with_default_dataset(cfg)
+    check_config(cfg)
+    from lightning_apps.preflight import preflight  # here, not at the top: preflight imports this module
+
+    preflight(cfg)  # a missing weight package, apt-get or writable folder: one paragraph, before any work
+    session, (pool,), (rerank,) = build_session(cfg, [cfg.pool], [cfg.rerank])
+    trainer, ds, cache, t0 = session.trainer, session.ds, session.cache, session.t0
+    d = describe_with(session, pool, cfg.pool)
+    valid, failures, whiten = d.valid, d.failures, d.whiten
+    center_sha256, pool_sha256, train = d.center_sha256, d.pool_sha256, session.train
+    if cfg.get("save_descriptors") and trainer.is_global_zero:
+        if cfg.save_descriptors == "regions":
+            d.extras.update(region_extras(d.pipe, d.q_plans, d.db_plans, whiten))
+        ranks, rank_seconds = rerank_with(session, d, rerank)
+        extras = {k: v for k, v in d.extras.items() if not k.startswith("_")}
+        save_descriptors(output_dir(cfg), d.q, d.db, valid, extras or None)
+    else:
+        ranks, rank_seconds = rerank_with(session, d, rerank)
+    dsm = find_dsm(rerank)
+    if dsm is not None and "db_local_features" in d.extras and trainer.is_global_zero:
+        save_dsm(output_dir(cfg), dsm, ds, valid, d.extras)
+    results = score(session, ranks)
+    if results is None:
+        return None
+    pipe = d.pipe
+    precision = session.precision
+    ckpt_sha256 = session.ckpt_sha256
     elapsed = time.perf_counter() - t0
-    out_dir = Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
+    out_dir = output_dir(cfg)
     run_bytes = cache.nbytes(sorted(pipe.used_keys))
     n_files, folder_bytes = cache.folder_nbytes()
     meta = {
@@ -1192,18 +1359,51 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return results
 
 
+MODES = ("auto", "compare", "single")
+#: Command-line groups whose choice means "this one pipeline" under ``mode=auto``.
+SINGLE_GROUPS = ("pool", "rerank")
+
+
+def resolve_mode(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
+    """``compare`` or ``single``: ``mode``, with ``auto`` meaning single when ``overrides`` choose a pool or rerank.
+
+    ``overrides`` defaults to Hydra's command-line overrides of this run.
+    """
+    mode = _plain(cfg.get("mode", "single"))
+    if mode not in MODES:
+        raise ConfigError(f"eval: invalid configuration: mode must be one of {list(MODES)}; got {mode!r}.")
+    if mode != "auto":
+        return str(mode)
+    if overrides is None:
+        try:
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:
+            overrides = []
+    keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    return "single" if keys & set(SINGLE_GROUPS) else "compare"
+
+
 USER_ERRORS = (DatasetNotFoundError, ConfigError, ImageReadError)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; user errors (missing data, bad config, unreadable query) exit with code 2, one paragraph."""
     try:
-        run(cfg)
+        if resolve_mode(cfg) == "compare":
+            from lightning_apps.compare import run_compare
+
+            run_compare(cfg)
+        else:
+            run(cfg)
     except USER_ERRORS as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    # ``python -m lightning_apps.eval`` runs this file as ``__main__``; lightning_apps.compare imports
+    # ``lightning_apps.eval``: make that the same module, so its ConfigError is the one main() catches.
+    sys.modules.setdefault("lightning_apps.eval", sys.modules[__name__])
+    sys.argv = dataset_key_overrides(sys.argv)
     main()

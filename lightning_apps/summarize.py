@@ -31,6 +31,7 @@ import difflib
 import json
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
@@ -86,10 +87,20 @@ _RESOLVER_CALL = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:...}, ${now:...}:
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """Every ``results.json`` below ``root``, sorted by dataset, backbone, precision, pool, whitening, re-ranking."""
+    """Every single-run ``results.json`` below ``root``, sorted by dataset, backbone, precision, pool, ...
+
+    Side-by-side results (``"kind": "comparison"``, written by ``mode=compare``) are already one table each (their
+    ``results.md``); they are skipped here, with a note on stderr.
+    """
     runs = []
     for path in sorted(Path(root).rglob("results.json")):
         payload = json.loads(path.read_text())
+        if payload.get("kind") == "comparison":
+            print(
+                f"summarize: {path} is a side-by-side comparison; its table is {path.parent / 'results.md'}",
+                file=sys.stderr,
+            )
+            continue
         runs.append({"path": path, **payload})
     return sorted(runs, key=_meta_key)
 

@@ -243,7 +243,7 @@ def test_ddp_equals_one_process_on_empty_and_full_cache(fake_root: Path) -> None
     for name in ("p0_v1", "p1_v4"):
         truncate_image(jpg / f"{name}.jpg")
     common = ["+dataset=roxf", f"data_root={fake_root / 'data'}", "+dataset.check_counts=false", "whiten=none", *FAST]
-    common = [c for c in common if not c.startswith("backbone.pretrained")] + ["num_vis_queries=0"]
+    common = [c for c in common if not c.startswith("backbone.pretrained")] + ["num_vis_queries=0", "mode=single"]
     # one process, in-process, fills cache c1
     _run(
         ["whiten=none", "backbone.pretrained=true", "num_vis_queries=0", f"cache_dir={fake_root / 'c1'}"],
@@ -547,7 +547,14 @@ def test_bad_override_exits_2_without_traceback(fake_root: Path, overrides: list
 def test_unreadable_query_exits_2_before_extraction(fake_root: Path) -> None:
     (fake_root / "data" / "datasets" / "roxford5k" / "jpg" / "q1.jpg").write_bytes(b"broken")
     proc = _cli(
-        ["+dataset=roxf", f"data_root={fake_root / 'data'}", "+dataset.check_counts=false", "whiten=none", *FAST],
+        [
+            "+dataset=roxf",
+            f"data_root={fake_root / 'data'}",
+            "+dataset.check_counts=false",
+            "whiten=none",
+            *FAST,
+            "mode=single",
+        ],
         fake_root,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
