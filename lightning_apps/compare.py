@@ -176,11 +176,11 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     check_config(cfg)
     from lightning_apps.preflight import preflight
 
-    preflight(cfg)
     pool_names, rerank_names = list(c.pools), list(c.reranks)
     overrides = _plain(c.get("overrides")) or {}
     pool_nodes = [group_node("pool", n, overrides.get(n)) for n in pool_names]
     rerank_nodes = [group_node("rerank", n, overrides.get(n)) for n in rerank_names]
+    preflight(cfg, rerank_nodes)
     session, pools, reranks = build_session(cfg, pool_nodes, rerank_nodes)
     base = _user_overrides()
     rows: list[Row] = []

@@ -31,7 +31,7 @@ import inspect
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -316,21 +316,57 @@ def _folder_problems(needs: list[_Need]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- entry point
 
 
-def preflight(cfg: DictConfig) -> None:
+def _targets(node: Any) -> Iterator[str]:
+    """Every ``_target_`` inside a config node (a re-ranker chain's stages included)."""
+    plain = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    stack = [plain]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("_target_"), str):
+                yield item["_target_"]
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _opencv_problem(rerank_nodes: Sequence[Any]) -> str | None:
+    """A DSM re-ranker (its MSER detector is OpenCV's) without ``cv2`` installed."""
+    if not any(t.rsplit(".", 1)[-1] == "DSM" for node in rerank_nodes for t in _targets(node)):
+        return None
+    try:
+        if importlib.util.find_spec("cv2") is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
+    return (
+        "the DSM re-ranker detects its local features with OpenCV's MSER, and OpenCV (cv2) is not installed. "
+        f"Fix: pip install opencv-python-headless (or pip install 'deepagg[apps]', or {SETUP}), or leave DSM out "
+        "(mode=compare: compare.reranks without dsm and dsm_diffusion)."
+    )
+
+
+def preflight(cfg: DictConfig, rerank_nodes: Sequence[Any] | None = None) -> None:
     """Check, in well under a second, what would make the run fail after minutes of work (module docstring).
 
     Args:
         cfg: The composed eval config after :func:`lightning_apps.eval.with_default_dataset` (``cfg.dataset`` set)
             and :func:`lightning_apps.eval.check_config`.
 
+        rerank_nodes: The re-ranker nodes the run builds (default: ``[cfg.rerank]``; ``mode=compare`` passes its
+            list).
+
     Raises:
         PreflightError: Listing every problem found and its fix (a missing weight package, a dataset to build
-            without apt-get, a folder that cannot be written).
+            without apt-get, a folder that cannot be written, OpenCV missing for DSM).
     """
     problems: list[str] = []
     weights = _weight_problem(cfg)
     if weights is not None:
         problems.append(weights)
+    opencv = _opencv_problem([cfg.get("rerank")] if rerank_nodes is None else rerank_nodes)
+    if opencv is not None:
+        problems.append(opencv)
 
     builds = [b for b in [_clutter_build(cfg.dataset, cfg, "the test set")] if b is not None]
     train = _training_node(cfg)

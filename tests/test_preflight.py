@@ -384,3 +384,20 @@ def test_cli_exits_2_with_one_paragraph(tmp_path: Path) -> None:
         assert part in err[0]
     assert list((tmp_path / "cache").iterdir()) == []  # no weights converted, no package fetched
     assert seconds < 120  # the imports (10-30 s on a loaded 2-core machine); the checks themselves take < 1 s
+
+
+def test_dsm_without_opencv_is_named_with_its_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    import lightning_apps.preflight as pf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    chain = OmegaConf.create({"_target_": "deepagg.RerankChain", "stages": [{"_target_": "deepagg.DSM"}]})
+    problem = pf._opencv_problem([OmegaConf.create({"_target_": "deepagg.QueryExpansion"}), chain])
+    assert problem is not None
+    assert problem.startswith("the DSM re-ranker detects its local features with OpenCV's MSER, and OpenCV (cv2)")
+    assert "pip install opencv-python-headless" in problem
+    assert pf._opencv_problem([OmegaConf.create({"_target_": "deepagg.Diffusion"})]) is None
+    monkeypatch.undo()
+    assert pf._opencv_problem([chain]) is None  # cv2 is installed here
