@@ -136,7 +136,10 @@ def _flat(prefix: str, value: Any) -> list[str]:
 
 
 def _user_overrides() -> list[str]:
-    """The command line's overrides that also apply to a single run (not ``mode``, ``compare.*``, ``output_dir``)."""
+    """The command line's overrides that also apply to a single run (not ``mode``, ``compare.*``, ``output_dir``).
+
+    An ``imsize=`` among them wins over ``compare.imsize``.
+    """
     try:
         task = list(HydraConfig.get().overrides.task)
     except ValueError:  # not under @hydra.main (tests call run_compare directly)
@@ -170,6 +173,10 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     cfg = with_default_dataset(cfg)
     check_compare(cfg)
     c = cfg.compare
+    base = _user_overrides()
+    if c.get("imsize") is not None and "imsize" in {o.lstrip("+~").split("=", 1)[0] for o in base}:
+        with open_dict(cfg):  # an imsize on the command line wins over compare.imsize
+            c.imsize = None
     if c.get("imsize") is not None:
         with open_dict(cfg):
             cfg.imsize = int(c.imsize)
@@ -182,7 +189,6 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     rerank_nodes = [group_node("rerank", n, overrides.get(n)) for n in rerank_names]
     preflight(cfg, rerank_nodes)
     session, pools, reranks = build_session(cfg, pool_nodes, rerank_nodes)
-    base = _user_overrides()
     rows: list[Row] = []
     described: dict[str, Described] = {}
     scores: dict[str, float] = {}

@@ -31,7 +31,6 @@ import difflib
 import json
 import math
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
@@ -89,17 +88,13 @@ _RESOLVER_CALL = re.compile(r"\$\{\s*[\w.-]+\s*:")  # ${oc.env:...}, ${now:...}:
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every single-run ``results.json`` below ``root``, sorted by dataset, backbone, precision, pool, ...
 
-    Side-by-side results (``"kind": "comparison"``, written by ``mode=compare``) are already one table each (their
-    ``results.md``); they are skipped here, with a note on stderr.
+    Side-by-side results (``"kind": "comparison"``, written by ``mode=compare``) are already one table each; they
+    are skipped here (:func:`comparison_tables` prints them).
     """
     runs = []
     for path in sorted(Path(root).rglob("results.json")):
         payload = json.loads(path.read_text())
         if payload.get("kind") == "comparison":
-            print(
-                f"summarize: {path} is a side-by-side comparison; its table is {path.parent / 'results.md'}",
-                file=sys.stderr,
-            )
             continue
         runs.append({"path": path, **payload})
     return sorted(runs, key=_meta_key)
@@ -402,6 +397,27 @@ def _check_columns(runs: list[dict[str, Any]], columns: Sequence[str]) -> None:
             raise SystemExit(f"summarize: no run has the setting {col!r}" + (f"; did you mean {hint}?" if hint else ""))
 
 
+def comparison_tables(root: Path) -> str:
+    """The score table of every side-by-side run (``mode=compare``) below ``root``, each under its folder's name."""
+    parts = []
+    for path in sorted(Path(root).rglob("results.json")):
+        try:
+            kind = json.loads(path.read_text()).get("kind")
+        except ValueError:
+            continue
+        md = path.parent / "results.md"
+        if kind != "comparison" or not md.is_file():
+            continue
+        lines = md.read_text().splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("| method")), None)
+        if start is None:
+            continue
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        head = f"{path.parent} (side by side; the paired statistics are in its results.md):"
+        parts.append(head + "\n" + "\n".join(lines[start:end]))
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> str:
     """Print the table of every run below the given folder and the common settings; returns the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -422,12 +438,16 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     columns = [c for arg in args.columns for c in arg.split(",") if c]
     runs = collect(args.root)
+    side = comparison_tables(args.root)
+    if not runs and side:
+        print(side)
+        return side
     if not runs:
         raise SystemExit(f"summarize: no results.json below {args.root}")
     _check_columns(runs, columns)
     text = table(runs, tuple(args.setups), columns=columns, all_settings=args.all_settings)
     common = common_settings(runs, [k for k in COMMON_SETTINGS if not any(_is(c, k) for c in columns)])
-    print(text + (f"\n\n{common}" if common else ""))
+    print(text + (f"\n\n{common}" if common else "") + (f"\n\n{side}" if side else ""))
     return text
 
 

@@ -8,7 +8,7 @@ out=${1:-multirun/coweight}
 shift || true
 py=${PYTHON:-.venv/bin/python}
 extra=("$@")
-ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
+ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m mode=single num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
 # The baselines the paper compares with, and the full method.
 ev baselines pool=spoc,crow,gem,agaussian_echannel
 # Tables 1-2 / Fig. 4 structure: spatial weighting x channel weighting (alpha = 0.1).

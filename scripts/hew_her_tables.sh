@@ -7,7 +7,7 @@ set -euo pipefail
 out=${1:-multirun/hew_her}
 shift || true
 py=${PYTHON:-.venv/bin/python}
-ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
+ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m mode=single num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
 extra=("$@")
 # Table II (both variants): SumA (= SPoC), HeW, + QE, + HeR, + QE + HeR.
 ev table2_paper pool=spoc,hew rerank=none,aqe,her,qe_her

@@ -8,7 +8,7 @@ out=${1:-multirun/temb}
 shift || true
 py=${PYTHON:-.venv/bin/python}
 extra=("$@")
-ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
+ev() { local name=$1; shift; "$py" -m lightning_apps.eval -m mode=single num_vis_queries=0 "$@" "hydra.sweep.dir=$out/$name" "${extra[@]}"; }
 # Table 3 structure at 512-D: masks x {FV, VLAD, T-emb} x {sum, democratic}; the authors' post-processing only
 # (their rotation + power law, no extra whitening).
 ev table3 pool=fv,vlad,temb pool.mask=max,sum,sift,none pool.aggregation=sum,democratic whiten=none

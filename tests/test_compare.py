@@ -113,6 +113,7 @@ def test_row_overrides_are_merged_and_spelled_in_the_command() -> None:
 TINY = [
     "backbone=mobilenet_v2",
     "imsize=160",
+    "compare.imsize=null",  # run_compare() outside Hydra sees no command line: imsize=160 must win explicitly
     "whiten=none",
     "trainer.enable_progress_bar=false",
     "compare.n_boot=500",
@@ -202,7 +203,8 @@ def test_cli_compare_on_fake_data_spells_the_user_overrides_in_each_command(tmp_
     assert [row["name"] for row in payload["rows"]] == ["MAC", "GeM", f"{payload['meta']['best_pool']} + AQE"]
     for cmd in commands:
         assert cmd.startswith("python -m lightning_apps.eval mode=single +dataset=roxf ")
-        assert "imsize=128" in cmd
+        assert "imsize=128" in cmd  # the command line's imsize wins over compare.imsize
+        assert cmd.count("imsize=") == 1
         assert "compare." not in cmd
         assert "output_dir" not in cmd
 
@@ -229,10 +231,16 @@ def test_default_dataset_takes_the_users_seed() -> None:
     assert app.with_default_dataset(_compose([])).dataset.seed == 0
 
 
-def test_summarize_skips_side_by_side_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_summarize_prints_side_by_side_tables_and_skips_them_in_its_own(tmp_path: Path) -> None:
     from lightning_apps import summarize
 
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "results.json").write_text(json.dumps({"kind": "comparison", "rows": []}))
+    table = "| method | kind |\n|---|---|\n| GeM | pool |"
+    (tmp_path / "cmp" / "results.md").write_text(f"# clutter\n\nintro\n\n{table}\n\nmore\n")
     assert summarize.collect(tmp_path) == []
-    assert "is a side-by-side comparison; its table is" in capsys.readouterr().err
+    text = summarize.main([str(tmp_path)])
+    assert text == f"{tmp_path / 'cmp'} (side by side; the paired statistics are in its results.md):\n{table}"
+    (tmp_path / "cmp" / "results.md").unlink()
+    with pytest.raises(SystemExit, match=r"no results\.json below"):
+        summarize.main([str(tmp_path)])
