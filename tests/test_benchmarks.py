@@ -48,3 +48,12 @@ def test_bench_spatial_quick(tmp_path: Path, monkeypatch, capsys) -> None:
     assert ">= 20x the per-pair loop: " in out
     assert "cProfile, one call" in out
     assert json.loads((tmp_path / "spatial.json").read_text())["summary"]["pairs"] == 8
+
+
+def test_bench_extraction_quick(tmp_path: Path) -> None:
+    from benchmarks import bench_extraction
+
+    rows = bench_extraction.main(["--quick", "--backbone", "mobilenet_v2", "--json", str(tmp_path / "x.json")])
+    assert [(r["side"], r["batch"]) for r in rows] == [(128, 1), (64, 1)]
+    assert rows[0]["ratio_vs_first_side"] == 1.0
+    assert all(r["s_per_image"] > 0 for r in rows)
