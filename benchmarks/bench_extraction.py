@@ -24,13 +24,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepagg import backbones
 
 
-def run(backbone: str, sides: list[int], batches: list[int], repeat: int, pretrained: bool) -> list[dict[str, Any]]:
-    """One row per (side, batch): seconds per image and the ratio against the first side at the same batch."""
+def _quantiles(times: list[float]) -> tuple[float, float]:
+    """Median and interquartile range (seconds)."""
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
+
+
+def run(
+    quick: bool = False,
+    *,
+    backbone: str = "vgg16",
+    sides: list[int] | None = None,
+    batches: list[int] | None = None,
+    repeat: int = 3,
+) -> list[dict[str, Any]]:
+    """One row per (side, batch) in ``benchmarks/run.py``'s format; the reference is the first side (512).
+
+    ``quick``: MobileNetV2 with random weights at sides 128 and 64, one repeat (the smoke run of the tests).
+    """
+    if quick:
+        backbone, sides, batches, repeat, pretrained = "mobilenet_v2", [128, 64], [1], 1, False
+    else:
+        sides, batches, pretrained = sides or [512, 362, 320, 288, 256], batches or [1, 8], True
     net = getattr(backbones, backbone)(pretrained=pretrained).eval()
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for batch in batches:
-            ref = None
+            ref: tuple[float, float] | None = None
             for side in sides:
                 x = torch.randn(batch, 3, round(side * 0.75), side)
                 net(x)  # warm-up (allocator, oneDNN primitives)
@@ -39,21 +59,26 @@ def run(backbone: str, sides: list[int], batches: list[int], repeat: int, pretra
                     t = time.perf_counter()
                     net(x)
                     times.append((time.perf_counter() - t) / batch)
-                per_image = statistics.median(times)
-                ref = per_image if ref is None else ref
+                ours = _quantiles(times)
+                ref = ours if ref is None else ref
                 rows.append(
                     {
-                        "backbone": backbone,
-                        "side": side,
-                        "batch": batch,
-                        "s_per_image": round(per_image, 4),
-                        "ratio_vs_first_side": round(ref / per_image, 2),
+                        "bench": "extraction",
+                        "case": f"{backbone} max side {side}, batch {batch} (per image)",
+                        "shape": f"({batch}, 3, {round(side * 0.75)}, {side})",
+                        "ours_ms": ours[0] * 1e3,
+                        "ours_iqr_ms": ours[1] * 1e3,
+                        "ref_ms": ref[0] * 1e3,
+                        "ref_iqr_ms": ref[1] * 1e3,
+                        "ratio": ref[0] / ours[0],
+                        "max_abs_diff": 0.0,
+                        "reference": f"the same backbone at max side {sides[0]}",
                         "threads": torch.get_num_threads(),
                     }
                 )
                 print(
-                    f"{backbone} max side {side:4d} batch {batch}: {per_image:.3f} s per image "
-                    f"({ref / per_image:.2f}x cheaper than side {sides[0]})",
+                    f"{backbone} max side {side:4d} batch {batch}: {ours[0]:.3f} s per image "
+                    f"({ref[0] / ours[0]:.2f}x cheaper than side {sides[0]})",
                     flush=True,
                 )
     return rows
@@ -68,10 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="random weights, two small sides, one repeat")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.quick:
-        rows = run(args.backbone, [128, 64], [1], 1, pretrained=False)
-    else:
-        rows = run(args.backbone, args.sides, args.batch, args.repeat, pretrained=True)
+    rows = run(args.quick, backbone=args.backbone, sides=args.sides, batches=args.batch, repeat=args.repeat)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

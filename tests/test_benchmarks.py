@@ -13,7 +13,7 @@ def test_benchmarks_quick(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     rows = bench_run.main(["--quick", "--json", str(out)])
     names = {r["bench"] for r in rows}
-    assert names == {"diffusion", "embedding", "heat", "metrics", "pooling", "qe", "spatial"}
+    assert names == {"diffusion", "embedding", "extraction", "heat", "metrics", "pooling", "qe", "spatial"}
     for r in rows:
         assert r["ours_ms"] > 0
         assert r["ref_ms"] > 0
@@ -54,6 +54,7 @@ def test_bench_extraction_quick(tmp_path: Path) -> None:
     from benchmarks import bench_extraction
 
     rows = bench_extraction.main(["--quick", "--backbone", "mobilenet_v2", "--json", str(tmp_path / "x.json")])
-    assert [(r["side"], r["batch"]) for r in rows] == [(128, 1), (64, 1)]
-    assert rows[0]["ratio_vs_first_side"] == 1.0
-    assert all(r["s_per_image"] > 0 for r in rows)
+    assert [r["shape"] for r in rows] == ["(1, 3, 96, 128)", "(1, 3, 48, 64)"]
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["ref_ms"] == rows[0]["ours_ms"]
+    assert all(r["ours_ms"] > 0 for r in rows)
