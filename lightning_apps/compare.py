@@ -32,13 +32,14 @@ from lightning_apps.eval import (
     ConfigError,
     Described,
     _is_int,
-    _manifest_sha256,
     _plain,
     build_session,
     check_config,
     describe_with,
     output_dir,
+    override_keys,
     rerank_with,
+    run_meta,
     score,
     with_default_dataset,
 )
@@ -144,7 +145,7 @@ def _user_overrides() -> list[str]:
         task = list(HydraConfig.get().overrides.task)
     except ValueError:  # not under @hydra.main (tests call run_compare directly)
         return []
-    return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in _OWN_KEYS]
+    return [o for o in task if not override_keys([o]) & set(_OWN_KEYS)]
 
 
 def _command(cfg: DictConfig, pool: str, rerank: str | None, base: Sequence[str]) -> str:
@@ -174,7 +175,7 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     check_compare(cfg)
     c = cfg.compare
     base = _user_overrides()
-    if c.get("imsize") is not None and "imsize" in {o.lstrip("+~").split("=", 1)[0] for o in base}:
+    if c.get("imsize") is not None and "imsize" in override_keys(base):
         with open_dict(cfg):  # an imsize on the command line wins over compare.imsize
             c.imsize = None
     if c.get("imsize") is not None:
@@ -208,9 +209,8 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
         picked = [best]
         torch.distributed.broadcast_object_list(picked, src=0)
         best = picked[0]
-    # The other pools' descriptors are not needed any more.
-    d = described[best]
-    described = {best: d}
+    d = described.pop(best)
+    described.clear()  # the other pools' descriptors are not needed any more
     best_label = LABELS.get(best, best)
     for name, rerank in zip(rerank_names, reranks, strict=True):
         label = f"{best_label} + {LABELS.get(name, name)}"
@@ -227,14 +227,7 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     ds = session.ds
     out = output_dir(cfg)
     meta = {
-        "dataset": ds.name,
-        "protocol": ds.protocol,
-        "queries": ds.num_queries,
-        "database": ds.num_images,
-        "dataset_fingerprint": ds.fingerprint,
-        "manifest_sha256": _manifest_sha256(ds),
-        "backbone": cfg.backbone._target_,
-        "ckpt_sha256": session.ckpt_sha256,
+        **run_meta(session),
         "whiten": cfg.whiten.get("fit") if cfg.whiten.get("module") is not None else "none",
         "whiten_train": session.train.name if session.train is not None else None,
         "best_pool": best_label,

@@ -169,7 +169,7 @@ def dataset_key_overrides(argv: Sequence[str]) -> list[str]:
     refuse ``dataset.seed=1`` ("not in struct"); with this rewrite it sets a key of the default ``clutter``
     (:func:`with_default_dataset`). With a dataset chosen (``+dataset=...``) nothing changes.
     """
-    chosen = any(a.lstrip("+~").split("=", 1)[0] == "dataset" for a in argv[1:])
+    chosen = "dataset" in override_keys(argv[1:], top=False)
     if chosen:
         return list(argv)
     return [argv[0], *(f"+{a}" if a.startswith("dataset.") and "=" in a else a for a in argv[1:])]
@@ -1244,6 +1244,27 @@ def score(session: Session, ranks: torch.Tensor) -> dict[str, Any] | None:
     return results  # type: ignore[no-any-return]
 
 
+def run_meta(session: Session) -> dict[str, Any]:
+    """The ``results.json`` meta every run shares: the test set (and its fingerprints), backbone, checkpoint."""
+    ds = session.ds
+    return {
+        "dataset": ds.name,
+        "protocol": ds.protocol,
+        "queries": ds.num_queries,
+        "database": ds.num_images,
+        "dataset_fingerprint": ds.fingerprint,
+        "manifest_sha256": _manifest_sha256(ds),
+        "backbone": session.cfg.backbone._target_,
+        "ckpt_sha256": session.ckpt_sha256,
+    }
+
+
+def override_keys(overrides: Sequence[str], *, top: bool = True) -> set[str]:
+    """The keys Hydra command-line ``overrides`` set (``+pool.p=4`` -> ``pool``; ``top=False``: ``pool.p``)."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    return {k.split(".", 1)[0] for k in keys} if top else keys
+
+
 def output_dir(cfg: DictConfig) -> Path:
     """``output_dir``, or Hydra's run folder."""
     return Path(cfg.get("output_dir") or HydraConfig.get().runtime.output_dir)
@@ -1277,20 +1298,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     pipe = d.pipe
     precision = session.precision
-    ckpt_sha256 = session.ckpt_sha256
     elapsed = time.perf_counter() - t0
     out_dir = output_dir(cfg)
     run_bytes = cache.nbytes(sorted(pipe.used_keys))
     n_files, folder_bytes = cache.folder_nbytes()
     meta = {
-        "dataset": ds.name,
-        "protocol": ds.protocol,
-        "queries": ds.num_queries,
-        "database": ds.num_images,
-        "dataset_fingerprint": ds.fingerprint,
-        "manifest_sha256": _manifest_sha256(ds),
-        "backbone": cfg.backbone._target_,
-        "ckpt_sha256": ckpt_sha256,
+        **run_meta(session),
         "pool": cfg.pool._target_,
         "pool_center_fitted_on": train.name if center_sha256 is not None and train is not None else None,
         "pool_center_sha256": center_sha256,
@@ -1379,8 +1392,7 @@ def resolve_mode(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str
             overrides = list(HydraConfig.get().overrides.task)
         except ValueError:
             overrides = []
-    keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
-    return "single" if keys & set(SINGLE_GROUPS) else "compare"
+    return "single" if override_keys(overrides) & set(SINGLE_GROUPS) else "compare"
 
 
 USER_ERRORS = (DatasetNotFoundError, ConfigError, ImageReadError)

@@ -29,35 +29,21 @@ import importlib
 import importlib.util
 import inspect
 import os
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+# Imported as a module (not ``from ... import``): eval imports this file lazily inside ``run``, and under
+# ``python -m lightning_apps.eval`` that name is the running ``__main__`` (eval registers itself), so
+# ``_app.ConfigError`` is the class its ``main`` catches.
+import lightning_apps.eval as _app
 from deepagg import backbones
 from deepagg.data import clutter, sources
-
-
-def _app_module() -> ModuleType:
-    """The running eval app: ``__main__`` under ``python -m lightning_apps.eval``, else ``lightning_apps.eval``.
-
-    ``python -m`` runs the app as ``__main__``; an ``import lightning_apps.eval`` (here, or by any module it
-    imported, e.g. ``lightning_apps.compare``) loads a second copy, whose ConfigError the app's ``except`` does
-    not catch. So the error class and the helpers are taken from the module whose ``main`` is running.
-    """
-    main = sys.modules.get("__main__")
-    if main is not None and getattr(getattr(main, "__spec__", None), "name", None) == "lightning_apps.eval":
-        return main
-    return importlib.import_module("lightning_apps.eval")
-
-
-_app: Any = _app_module()
 
 __all__ = ["PreflightError", "preflight"]
 

@@ -41,3 +41,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def debian_packages() -> None:
+    """The Debian packages the ``clutter`` builder needs, fetched (or cached); skips without ``apt-get``.
+
+    With ``DEEPAGG_REQUIRE_DEBIAN`` set (CI), or wherever ``apt-get`` exists, a failure to fetch is an error.
+    """
+    import os
+    import shutil
+
+    from deepagg.data.sources import DebianSourceError, fetch_debs
+
+    try:
+        fetch_debs(["tuxpaint-stamps-default"])
+    except DebianSourceError as exc:
+        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
+            pytest.skip(f"needs apt-get: {exc}")
+        raise

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,15 +131,9 @@ def _single(command: str, base: list[str]) -> dict:
 
 
 @pytest.mark.debian
-def test_side_by_side_on_clutter_tiny_has_every_row_and_equals_single_runs(tmp_path: Path) -> None:
-    try:
-        from deepagg.data.sources import DebianSourceError, fetch_debs
-
-        fetch_debs(["tuxpaint-stamps-default"])
-    except DebianSourceError as exc:
-        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
-            pytest.skip(f"needs apt-get: {exc}")
-        raise
+def test_side_by_side_on_clutter_tiny_has_every_row_and_equals_single_runs(
+    tmp_path: Path, debian_packages: None
+) -> None:
     base = ["+dataset=clutter_tiny", f"data_root={tmp_path / 'data'}", *TINY]
     rows = compare.run_compare(_compose([*base, "mode=compare", f"output_dir={tmp_path / 'cmp'}"]))
     assert rows is not None

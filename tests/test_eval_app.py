@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,16 +336,8 @@ def test_summarize_collects_runs(fake_root: Path, capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.debian
-def test_end_to_end_on_clutter_tiny(tmp_path: Path) -> None:
+def test_end_to_end_on_clutter_tiny(tmp_path: Path, debian_packages: None) -> None:
     """The default code path (a dataset built by the project from Debian photos), tiny variant, real weights."""
-    try:
-        from deepagg.data.sources import DebianSourceError, fetch_debs
-
-        fetch_debs(["tuxpaint-stamps-default"])
-    except DebianSourceError as exc:
-        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
-            pytest.skip(f"needs apt-get: {exc}")
-        raise
     cfg = _compose(
         [
             "+dataset=clutter_tiny",

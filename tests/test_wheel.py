@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -135,16 +134,8 @@ def test_packaged_conf_equals_the_repository_conf(installed: Installed) -> None:
 
 
 @pytest.mark.debian
-def test_eval_and_summarize_from_the_wheel_on_clutter_tiny(installed: Installed) -> None:
+def test_eval_and_summarize_from_the_wheel_on_clutter_tiny(installed: Installed, debian_packages: None) -> None:
     """``python -m lightning_apps.eval`` and ``.summarize`` of the installed wheel, run outside the checkout."""
-    try:
-        from deepagg.data.sources import DebianSourceError, fetch_debs
-
-        fetch_debs(["tuxpaint-stamps-default"])
-    except DebianSourceError as exc:
-        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
-            pytest.skip(f"needs apt-get: {exc}")
-        raise
     data, out = installed.cwd / "data", installed.cwd / "out"
     args = [
         "mode=single",
