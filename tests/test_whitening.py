@@ -718,3 +718,158 @@ class TestWhiten(BaseTester):
         with pytest.raises(ValueError, match=r"Whiten.fit_learned\(\): center must be 'all' or 'queries'; got None"):
             w.fit_learned(x, pairs, center=None)
         assert not w._fitted
+
+
+class TestLearnableWhiten(BaseTester):
+    """``Whiten(learnable=True)``: mean and projection are Parameters, fitted first and then trainable."""
+
+    def test_parameters(self) -> None:
+        w = deepagg.Whiten(6, 4, learnable=True)
+        assert dict(w.named_parameters()).keys() == {"mean", "projection"}
+        assert isinstance(w.mean, torch.nn.Parameter)
+        assert isinstance(w.projection, torch.nn.Parameter)
+        assert dict(w.named_buffers()).keys() == {"fitted"}
+        plain = deepagg.Whiten(6, 4)
+        assert list(plain.parameters()) == []
+        assert dict(plain.named_buffers()).keys() == {"mean", "projection", "fitted"}
+        assert list(w.state_dict()) == list(plain.state_dict()) == ["mean", "projection", "fitted"]
+        assert repr(w) == "Whiten(in_dim=6, out_dim=4, learnable=True, fitted=False)"
+        assert repr(plain) == "Whiten(in_dim=6, out_dim=4, fitted=False)"
+        w64 = deepagg.Whiten(6, learnable=True, dtype=torch.float64)
+        assert w64.projection.dtype == torch.float64
+        assert w64.projection.shape == (6, 6)
+
+    def test_fit_keeps_parameters(self) -> None:
+        x = make_data(80, 10).float()
+        w = deepagg.Whiten(10, 6, learnable=True)
+        mean_param, proj_param = w.mean, w.projection
+        assert w.fit_pca(x, shrinkage=0.7) is w
+        assert w.mean is mean_param  # same shape: copied in place, the same Parameter objects
+        assert w.projection is proj_param
+        plain = deepagg.Whiten(10, 6).fit_pca(x, shrinkage=0.7)
+        assert torch.equal(w.projection.detach(), plain.projection)
+        assert torch.equal(w.mean.detach(), plain.mean)
+        assert torch.equal(w(x).detach(), plain(x))
+        assert w(x).requires_grad
+        assert not plain(x).requires_grad
+        x2, pairs = make_pairs(12, 4, 10)
+        w.fit_learned(x2.float(), pairs)
+        assert w.projection is proj_param
+        assert torch.equal(w.projection.detach(), deepagg.Whiten(10, 6).fit_learned(x2.float(), pairs).projection)
+
+    def test_capped_fit_resizes_parameter(self) -> None:
+        x, pairs = rank_deficient_pairs()
+        w = deepagg.Whiten(32, 16, learnable=True)
+        old = w.projection
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 16"):
+            w.fit_learned(x.float(), pairs)
+        assert isinstance(w.projection, torch.nn.Parameter)
+        assert w.projection is not old  # a new Parameter: build the optimizer after fitting
+        assert w.projection.shape == (10, 32)
+        assert w.projection.requires_grad
+        assert {name for name, _ in w.named_parameters()} == {"mean", "projection"}
+        assert any(p is w.projection for p in w.parameters())
+        with pytest.warns(UserWarning, match=r"determine only 10 of the 16"):
+            plain = deepagg.Whiten(32, 16).fit_learned(x.float(), pairs)
+        assert torch.equal(w.projection.detach(), plain.projection)
+        assert repr(w) == "Whiten(in_dim=32, out_dim=10, requested_out_dim=16, learnable=True, fitted=True)"
+        # Refitting on full-rank data restores the requested size, still a Parameter; a frozen one stays frozen.
+        w.projection.requires_grad_(False)
+        x2, pairs2 = make_pairs(20, 4, 32)
+        w.fit_learned(x2.float(), pairs2)
+        assert isinstance(w.projection, torch.nn.Parameter)
+        assert w.projection.shape == (16, 32)
+        assert not w.projection.requires_grad
+        # The plain module's resize keeps a buffer.
+        plain.fit_learned(x2.float(), pairs2)
+        assert not isinstance(plain.projection, torch.nn.Parameter)
+        assert "projection" in dict(plain.named_buffers())
+
+    def test_state_dict_between_learnable_and_plain(self) -> None:
+        x = make_data(60, 8).float()
+        for capped in (False, True):
+            if capped:
+                with pytest.warns(UserWarning, match=r"the projection keeps 4"):
+                    source = deepagg.Whiten(8, 6, learnable=True).fit_pca(x[:5])
+            else:
+                source = deepagg.Whiten(8, 6, learnable=True).fit_pca(x)
+            rows = source.out_dim
+            plain = deepagg.Whiten(8, 6)
+            plain.load_state_dict(source.state_dict())
+            assert plain.projection.shape == (rows, 8)
+            assert torch.equal(plain(x), source(x).detach())
+            back = deepagg.Whiten(8, 6, learnable=True)
+            back.load_state_dict(plain.state_dict())
+            assert isinstance(back.projection, torch.nn.Parameter)
+            assert back.projection.shape == (rows, 8)
+            assert back._fitted
+            assert torch.equal(back(x).detach(), plain(x))
+            assert dict(back.named_parameters()).keys() == {"mean", "projection"}
+
+    def test_gradients(self) -> None:
+        x = make_data(30, 5)
+        w = deepagg.Whiten(5, 3, learnable=True, dtype=torch.float64).fit_pca(x)
+        xs = x[:4].clone().requires_grad_()
+        w(xs).pow(3).sum().backward()
+        for t in (xs, w.mean, w.projection):
+            assert t.grad is not None
+            assert t.grad.abs().sum() > 0
+        assert w.fitted.grad is None
+
+    def test_gradcheck(self) -> None:
+        x = make_data(30, 5)
+        w = deepagg.Whiten(5, 3, learnable=True, dtype=torch.float64).fit_pca(x)
+        inputs = (
+            x[:4].clone().requires_grad_(),
+            w.mean.detach().clone().requires_grad_(),
+            w.projection.detach().clone().requires_grad_(),
+        )
+
+        def run(xs: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(w, {"mean": mean, "projection": proj}, (xs,))
+
+        assert self.gradcheck(run, inputs)
+        assert self.gradcheck(w, (inputs[0],))
+
+    def test_trainable(self) -> None:
+        # A few SGD steps on the module's own parameters reduce a loss: trainable end to end.
+        x, pairs = make_pairs(10, 4, 8)
+        w = deepagg.Whiten(8, 4, learnable=True).fit_learned(x.float(), pairs)
+        optimizer = torch.optim.SGD(w.parameters(), lr=0.1)  # built after fitting
+        q, p = x[pairs[:, 0]].float(), x[pairs[:, 1]].float()
+        losses = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = (w(q) - w(p)).pow(2).sum(dim=1).mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert not torch.equal(w.projection.detach(), deepagg.Whiten(8, 4).fit_learned(x.float(), pairs).projection)
+
+    def test_linear_compile_and_dtype(self) -> None:
+        x = make_data(40, 8).float()
+        w = deepagg.Whiten(8, 4, learnable=True).fit_pca(x)
+        lin = w.as_linear()
+        self.assert_close(lin(x), F.whiten(x, w.mean.detach(), w.projection.detach()), rtol=1e-4, atol=1e-4)
+        assert w.weight is w.projection
+        assert w.bias.requires_grad
+        self.assert_close(torch.compile(w, backend="eager", fullgraph=True)(x[:5]), w(x[:5]))
+        w.to(torch.float64)
+        assert isinstance(w.projection, torch.nn.Parameter)
+        assert w.projection.dtype == torch.float64
+        assert w(x.double()).dtype == torch.float64
+
+    def test_exception(self) -> None:
+        with pytest.raises(TypeError, match=r"Whiten\(\): learnable must be a bool; got str\."):
+            deepagg.Whiten(4, learnable="yes")
+        with pytest.raises(TypeError, match=r"takes from 2 to 3 positional arguments"):
+            deepagg.Whiten(4, 2, True)
+        w = deepagg.Whiten(4, 2, learnable=True)
+        with pytest.raises(RuntimeError, match=r"Whiten: the whitening is not fitted"):
+            w(torch.randn(3, 4))
+        small = deepagg.Whiten(32, 8, learnable=True)
+        with pytest.raises(RuntimeError, match=r"the saved projection has shape \(16, 32\), but this Whiten was built"):
+            small.load_state_dict(deepagg.Whiten(32, 16).state_dict())
+        assert small.projection.shape == (8, 32)
+        assert isinstance(small.projection, torch.nn.Parameter)

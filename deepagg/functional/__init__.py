@@ -18,7 +18,9 @@ from deepagg.functional.embedding import (
     vlad_embedding,
 )
 from deepagg.functional.heat import heat_rerank, hew, hew_weights
+from deepagg.functional.losses import contrastive_loss, triplet_loss
 from deepagg.functional.masks import max_mask, sift_mask, sum_mask
+from deepagg.functional.mining import hard_negatives
 from deepagg.functional.normalize import l2n, power_norm
 from deepagg.functional.pooling import crow, gem, mac, rmac, rmac_grid, rmac_regions, spoc
 from deepagg.functional.qe import dba, query_expansion
@@ -33,6 +35,7 @@ __all__ = [
     "agaussian_center",
     "agaussian_echannel",
     "conjugate_gradient",
+    "contrastive_loss",
     "crow",
     "dba",
     "democratic_weights",
@@ -41,6 +44,7 @@ __all__ = [
     "fit_gmm",
     "gem",
     "gmp_weights",
+    "hard_negatives",
     "heat_rerank",
     "hew",
     "hew_weights",
@@ -65,6 +69,7 @@ __all__ = [
     "spoc",
     "sum_mask",
     "triangulation_embedding",
+    "triplet_loss",
     "vlad_embedding",
     "whiten",
 ]

@@ -4,6 +4,8 @@ from deepagg.nn.coweight import AGaussianEChannelPool
 from deepagg.nn.diffusion import Diffusion
 from deepagg.nn.embedding import FisherVectorPool, TEmbPool, VLADPool
 from deepagg.nn.heat import HeR, HeWPool
+from deepagg.nn.losses import ContrastiveLoss, TripletLoss
+from deepagg.nn.mining import HardNegativeMiner
 from deepagg.nn.normalize import L2N, PowerNorm
 from deepagg.nn.pooling import MAC, RMAC, CroW, GeM, SPoC
 from deepagg.nn.qe import DBA, QueryExpansion
@@ -18,10 +20,12 @@ __all__ = [
     "MAC",
     "RMAC",
     "AGaussianEChannelPool",
+    "ContrastiveLoss",
     "CroW",
     "Diffusion",
     "FisherVectorPool",
     "GeM",
+    "HardNegativeMiner",
     "HeR",
     "HeWPool",
     "PowerNorm",
@@ -31,6 +35,7 @@ __all__ = [
     "Reranker",
     "SPoC",
     "TEmbPool",
+    "TripletLoss",
     "VLADPool",
     "Whiten",
     "rank_by_similarity",

@@ -18,10 +18,18 @@ class Whiten(nn.Module):
 
     Fit it once with :meth:`fit_pca` (unsupervised PCA-whitening with shrinkage) or :meth:`fit_learned`
     (Radenović's supervised learned whitening Lw from matching pairs), on training descriptors disjoint from the
-    test set; both return ``self``. The fit is stored in the buffers ``mean`` :math:`(in\_dim,)`,
-    ``projection`` :math:`(out\_dim, in\_dim)` and ``fitted`` (a bool scalar), so it is saved and restored by
+    test set; both return ``self``. The fit is stored in ``mean`` :math:`(in\_dim,)`, ``projection``
+    :math:`(out\_dim, in\_dim)` and the buffer ``fitted`` (a bool scalar), so it is saved and restored by
     ``state_dict`` / ``load_state_dict``. With ``out_dim < in_dim`` the projection keeps the leading
     ``out_dim`` directions (dimensionality reduction).
+
+    ``mean`` and ``projection`` are buffers by default (``learnable=False``: fitted, never trained). With
+    ``learnable=True`` they are ``nn.Parameter``\ s, so the whitening can be fitted first (e.g. by
+    :meth:`fit_learned`) and then fine-tuned end to end with the network (cirtorch's whitening layer); gradients
+    reach the input, ``mean`` and ``projection``. The fits copy into them in place (under ``no_grad``). The
+    ``state_dict`` keys are the same either way, so a learnable Whiten's state loads into a plain one and vice
+    versa. A fit or a ``load_state_dict`` that changes the number of rows of ``projection`` (the rank cap below)
+    replaces it by a **new** Parameter object: build the optimizer after fitting or loading.
 
     The ``out_dim`` given at construction is the requested dimension (kept as ``requested_out_dim``). A fit on
     rank-deficient training data (fewer than ``in_dim`` linearly independent pair differences for Lw, N - 1 <
@@ -45,6 +53,7 @@ class Whiten(nn.Module):
         in_dim: Input descriptor dimension D >= 1.
         out_dim: Requested output dimension d, ``1 <= d <= in_dim``; ``None`` means ``in_dim``. A rank-deficient
             fit lowers the attribute ``out_dim`` to the rank r (``requested_out_dim`` keeps d).
+        learnable: ``mean`` and ``projection`` are ``nn.Parameter``\ s (trainable) when True, buffers when False.
         device: Device of the buffers.
         dtype: Floating dtype of ``mean`` and ``projection``.
 
@@ -77,6 +86,7 @@ class Whiten(nn.Module):
         in_dim: int,
         out_dim: int | None = None,
         *,
+        learnable: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -91,13 +101,20 @@ class Whiten(nn.Module):
             )
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"Whiten(): dtype must be a floating dtype; got {dtype}.")
+        if not isinstance(learnable, bool):
+            raise TypeError(f"Whiten(): learnable must be a bool; got {type(learnable).__name__}.")
         self.in_dim = in_dim
+        self.learnable = learnable
         self.requested_out_dim = out_dim
         # The current output dimension (rows of ``projection``): requested_out_dim, or the rank after a capped fit.
         self.out_dim = out_dim
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.register_buffer("mean", torch.zeros(in_dim, **dd))
-        self.register_buffer("projection", torch.eye(out_dim, in_dim, **dd))
+        if learnable:
+            self.mean = nn.Parameter(torch.zeros(in_dim, **dd))
+            self.projection = nn.Parameter(torch.eye(out_dim, in_dim, **dd))
+        else:
+            self.register_buffer("mean", torch.zeros(in_dim, **dd))
+            self.register_buffer("projection", torch.eye(out_dim, in_dim, **dd))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
         # Python mirror of the ``fitted`` buffer: forward checks it without a host sync or a graph break.
         self._fitted = False
@@ -114,9 +131,18 @@ class Whiten(nn.Module):
         return dim
 
     def _resize_projection(self, rows: int) -> None:
-        """Replace ``projection`` by a zero ``(rows, in_dim)`` buffer (same device and dtype) if its rows differ."""
-        if rows != self.projection.shape[0]:
-            self.projection = torch.zeros(rows, self.in_dim, device=self.projection.device, dtype=self.projection.dtype)
+        """Replace ``projection`` by a zero ``(rows, in_dim)`` tensor if its rows differ.
+
+        The new tensor has the old one's device and dtype, and its kind: a buffer stays a buffer, a Parameter
+        becomes a new Parameter (with the old ``requires_grad``).
+        """
+        old = self.projection
+        if rows != old.shape[0]:
+            new = torch.zeros(rows, self.in_dim, device=old.device, dtype=old.dtype)
+            if isinstance(old, nn.Parameter):
+                self.projection = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                self.projection = new
         self.out_dim = rows
 
     @torch.no_grad()
@@ -277,7 +303,8 @@ class Whiten(nn.Module):
 
     def extra_repr(self) -> str:
         capped = f", requested_out_dim={self.requested_out_dim}" if self.out_dim != self.requested_out_dim else ""
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}{capped}, fitted={self._fitted}"
+        learnable = ", learnable=True" if self.learnable else ""
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}{capped}{learnable}, fitted={self._fitted}"
 
 
 def _sync_fitted(module: nn.Module, incompatible_keys: Any) -> None:
