@@ -228,7 +228,7 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
     out = output_dir(cfg)
     meta = {
         **run_meta(session),
-        "whiten": cfg.whiten.get("fit") if cfg.whiten.get("module") is not None else "none",
+        "whiten": cfg.whiten.get("fit") if d.whiten is not None else "none",
         "whiten_train": session.train.name if session.train is not None else None,
         "best_pool": best_label,
         "imsize": cfg.imsize,

@@ -282,8 +282,29 @@ def load_dataset(node: DictConfig, root_cfg: DictConfig) -> RetrievalDataset:
     return _instantiate(merged.node, "the dataset")  # type: ignore[no-any-return]
 
 
-def load_checkpoint(backbone: torch.nn.Module, path: str | None) -> str | None:
+@dataclass
+class CheckpointParts:
+    """What a checkpoint holds besides the backbone: a fine-tuned pool and whitening (``lightning_apps.finetune``).
+
+    ``pool_target`` is the ``_target_`` of the pool it was trained with; ``pool`` / ``whiten`` its ``state_dict``
+    and the trained whitening layer's (``mean``, ``projection``, ``fitted``: a :class:`deepagg.Whiten`), or None.
+    """
+
+    pool_target: str | None = None
+    pool: dict[str, torch.Tensor] | None = None
+    whiten: dict[str, torch.Tensor] | None = None
+
+
+def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(backbone: torch.nn.Module, path: str | None, parts: CheckpointParts | None = None) -> str | None:
     """Load a fine-tuned backbone ``state_dict`` (plain, ``{"backbone": ...}`` or Lightning's ``state_dict``).
+
+    A checkpoint of ``lightning_apps.finetune`` (a Lightning checkpoint with a ``"deepagg"`` entry) also holds
+    the trained pool and whitening layer: they are put into ``parts`` when given (:func:`build_session` applies
+    the pool's to pools of the same class and the whitening's with ``whiten=checkpoint``).
 
     Returns the sha256 of the file's bytes (the cache key uses content, not the path), or None without a path.
     """
@@ -298,7 +319,13 @@ def load_checkpoint(backbone: torch.nn.Module, path: str | None) -> str | None:
     except Exception as err:
         raise ConfigError(f"eval: ckpt_path {str(p)!r} cannot be read as a torch checkpoint: {err}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
-        state = {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+        info = state.get("deepagg") if isinstance(state.get("deepagg"), dict) else {}
+        full = state["state_dict"]
+        if parts is not None:
+            parts.pool_target = info.get("pool_target")
+            parts.pool = _prefixed(full, "pool.") or None
+            parts.whiten = _prefixed(full, "whiten.") or None
+        state = _prefixed(full, "backbone.")
     elif isinstance(state, dict) and isinstance(state.get("backbone"), dict):
         state = state["backbone"]
     try:
@@ -307,6 +334,49 @@ def load_checkpoint(backbone: torch.nn.Module, path: str | None) -> str | None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"eval: ckpt_path {str(p)!r} does not fit the backbone: {first}") from None
     return digest
+
+
+def apply_checkpoint_pool(pools: Sequence[torch.nn.Module], nodes: Sequence[Any], parts: CheckpointParts) -> list[str]:
+    """Load the checkpoint's trained pool into every pool built from the same class; returns their class names.
+
+    A pool of another class (e.g. HeW on a backbone fine-tuned with GeM) keeps its configured values.
+    """
+    if parts.pool is None or parts.pool_target is None:
+        return []
+    loaded = []
+    for pool, node in zip(pools, nodes, strict=True):
+        if str(node.get("_target_")) != parts.pool_target:
+            continue
+        try:
+            pool.load_state_dict(parts.pool)
+        except (RuntimeError, TypeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError(
+                f"eval: the checkpoint's trained pool does not fit {type(pool).__name__}: {first}"
+            ) from None
+        loaded.append(type(pool).__name__)
+    return loaded
+
+
+def checkpoint_whiten(parts: CheckpointParts, dim: int, path: Any) -> torch.nn.Module:
+    """The whitening layer trained by ``lightning_apps.finetune`` (``whiten=checkpoint``), as a fitted Whiten."""
+    from deepagg import Whiten
+
+    state = parts.whiten
+    if state is None or "projection" not in state:
+        raise ConfigError(
+            f"eval: whiten=checkpoint needs a ckpt_path of lightning_apps.finetune trained with a whitening layer "
+            f"(finetune whiten=learned); {'ckpt_path is not set' if not path else f'{str(path)!r} holds none'}. Use "
+            "whiten=learned to fit Lw on the training set instead."
+        )
+    rows, cols = (int(n) for n in state["projection"].shape)
+    if cols != dim:
+        raise ConfigError(
+            f"eval: the checkpoint's whitening layer takes {cols}-D descriptors; this pool gives {dim}-D ones."
+        )
+    module = Whiten(dim, rows)
+    module.load_state_dict(state)
+    return module.eval()
 
 
 def native_bf16(accelerator: str) -> bool:
@@ -1060,6 +1130,9 @@ class Session:
     #: the rest named by the caller).
     timings: dict[str, float] = field(default_factory=dict)
     used_keys: set[str] = field(default_factory=set)
+    #: The checkpoint's trained pool and whitening layer (``lightning_apps.finetune``), if it holds them.
+    ckpt_parts: CheckpointParts = field(default_factory=CheckpointParts)
+    pools_from_ckpt: list[str] = field(default_factory=list)  # classes of the pools given the checkpoint's state
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
@@ -1114,8 +1187,14 @@ def build_session(
     resolve_precision(cfg)
     trainer: pl.Trainer = _instantiate(cfg.trainer, "trainer")
     backbone = _instantiate(cfg.backbone, "backbone")
-    ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"))
+    parts = CheckpointParts()
+    ckpt_sha256 = load_checkpoint(backbone, cfg.get("ckpt_path"), parts)
     pools = [_instantiate(node, "pool").eval() for node in pool_nodes]
+    from_ckpt = apply_checkpoint_pool(pools, pool_nodes, parts)
+    if from_ckpt:
+        log.info("checkpoint: trained %s state loaded into the pool", parts.pool_target)
+    if cfg.whiten.get("fit") == "checkpoint" and parts.whiten is None:
+        checkpoint_whiten(parts, 0, cfg.get("ckpt_path"))  # raises the error that says what is missing
     reranks = [build_rerank(cfg, node) for node in rerank_nodes]
     in_channels = getattr(backbone, "out_channels", None)
     wdim = _plain(cfg.whiten.get("dim")) if cfg.whiten.get("module") is not None else None
@@ -1156,6 +1235,7 @@ def build_session(
         cfg, trainer, backbone, ckpt_sha256, ds, train, q_infos, db_infos, train_infos, model,
         FeatureCache(Path(cfg.cache_dir)), precision, t0,
     )  # fmt: skip
+    session.ckpt_parts, session.pools_from_ckpt = parts, from_ckpt
     session.add_time("setup", time.perf_counter() - t0 - build_seconds)
     session.add_time("build", build_seconds)
     return session, pools, reranks
@@ -1193,6 +1273,10 @@ def describe_with(session: Session, pool: torch.nn.Module, node: DictConfig) -> 
     out.valid[list(out.failures)] = False
     if train is not None and train_infos is not None and cfg.whiten.get("module") is not None:
         out.whiten = fit_whitening(cfg, pipe, train, train_infos, out.db.shape[1])
+        with torch.no_grad():
+            out.db, out.q = out.whiten(out.db), out.whiten(out.q)
+    elif cfg.whiten.get("fit") == "checkpoint":
+        out.whiten = checkpoint_whiten(session.ckpt_parts, out.db.shape[1], cfg.get("ckpt_path"))
         with torch.no_grad():
             out.db, out.q = out.whiten(out.db), out.whiten(out.q)
     out.seconds = time.perf_counter() - t0 - (session.timings.get("extraction", 0.0) - before)
@@ -1256,6 +1340,7 @@ def run_meta(session: Session) -> dict[str, Any]:
         "manifest_sha256": _manifest_sha256(ds),
         "backbone": session.cfg.backbone._target_,
         "ckpt_sha256": session.ckpt_sha256,
+        "ckpt_pool": session.ckpt_parts.pool_target if session.pools_from_ckpt else None,
     }
 
 
