@@ -14,9 +14,10 @@ embedded ``clutter`` benchmark's train split (``clutter_train``: objects and pho
   GeM's p trains too (``learn_pool``), at ``pool_lr_mult`` times the learning rate, without weight decay.
 - **Loss** (``conf/loss/``): contrastive (margin 0.7) or triplet (margin 0.1). **Optimizer** (``conf/optim/``):
   Adam or SGD, the learning rate times ``lr_decay`` after every epoch.
-- **Validation**: ``val_objects`` objects of the train split are held out with their queries, their views and half of
-  the distractors; every epoch their Medium/Hard mAP (:class:`lightning_apps.metrics.RevisitedMAP`) is logged
-  (``val/mAP_medium``, ``val/mAP_hard``, ``val/mAP`` = their mean) and the best epoch is saved
+- **Validation**: ``val_objects`` objects of the train split are held out (their queries and views are in no
+  tuple); their queries are searched in the whole training database; every epoch their Medium/Hard mAP
+  (:class:`lightning_apps.metrics.RevisitedMAP`) is logged (``val/mAP_medium``, ``val/mAP_hard``, ``val/mAP`` =
+  their mean) and the best epoch is saved
   (``checkpoints/best.ckpt``; ``last.ckpt`` every epoch). The model before training is validated too (epoch 0).
 - **Outputs** (``output_dir``, else Hydra's run folder): ``checkpoints/``, ``logs/metrics.csv`` (and TensorBoard
   with ``loggers=[csv,tensorboard]``), ``training_curve.png``, ``results.json``/``results.md`` and, with
@@ -129,7 +130,9 @@ def split_train(ds: RetrievalDataset, val_objects: int, seed: int) -> TrainSplit
     """Split a training set with per-image object labels (``clutter_train``'s manifest) by objects.
 
     ``val_objects`` objects (a permutation of the sorted object ids drawn from ``seed``) are held out with their
-    queries and database views; distractors alternate (even database index: training, odd: validation).
+    queries and database views: no tuple uses them. The validation retrieval set is their queries against the
+    whole database (their views among the training objects' views and the distractors, all negatives to them),
+    so that its mAP is not near 100 from a database of mostly positives.
 
     Raises:
         ConfigError: If the manifest names no object per image, ``val_objects`` leaves no object to train on, or
@@ -158,8 +161,6 @@ def split_train(ds: RetrievalDataset, val_objects: int, seed: int) -> TrainSplit
     held_ids = torch.tensor([index[o] for o in held])
     is_val = torch.isin(labels, held_ids)
     rows = torch.arange(n_db + n_q)
-    distractor = labels == -1
-    is_val |= distractor & (rows % 2 == 1) & (rows < n_db)
     try:
         pairs = positive_pairs(ds)
     except ConfigError:  # no pair at all: the error below says so in fine-tuning terms
@@ -174,7 +175,7 @@ def split_train(ds: RetrievalDataset, val_objects: int, seed: int) -> TrainSplit
         )
     is_db = rows < n_db
     candidates = rows[is_db & ~is_val]
-    val_db = rows[is_db & is_val]
+    val_db = rows[is_db]  # the held-out objects' views among every other database image (negatives)
     val_queries = rows[~is_db & is_val]
     position = {int(r): j for j, r in enumerate(val_db)}
     val_gnd = []
@@ -361,8 +362,10 @@ class Finetuner(pl.LightningModule):
         desc = torch.stack([d for _, d in self._val])
         self._val = []
         if self.trainer.world_size > 1:  # every process gets every descriptor (the sampler pads by repeating)
-            idx = self.all_gather(idx).flatten()
-            desc = self.all_gather(desc).flatten(0, -2)
+            gathered = self.all_gather(idx), self.all_gather(desc)
+            assert isinstance(gathered[0], torch.Tensor)
+            assert isinstance(gathered[1], torch.Tensor)
+            idx, desc = gathered[0].flatten(), gathered[1].flatten(0, -2)
         n = self.n_val_db + len(self.val_gnd)
         table = desc.new_zeros(n, desc.shape[1])
         table[idx] = desc
@@ -577,7 +580,7 @@ def _group_name(group: str, node: Any = None) -> str:
         pass
     target = str(node.get("_target_")) if node is not None else None
     for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        loaded = OmegaConf.load(path)
+        loaded: Any = OmegaConf.load(path)
         inner = loaded.get(group, loaded) if group == "backbone" else loaded
         if target is not None and str(inner.get("_target_")) == target:
             return path.stem
@@ -797,7 +800,9 @@ def eval_config(cfg: DictConfig, *, ckpt_path: str | None, whiten: str) -> DictC
     return e
 
 
-def evaluate_test(cfg: DictConfig, best: str, pool_name: str) -> dict[str, Any]:
+def evaluate_test(
+    cfg: DictConfig, best: str, pool_name: str, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Test-set mAP before and after fine-tuning, as the eval app computes it, and their paired comparison."""
     from lightning_apps.compare_report import Row, comparison_table, write_comparison
     from lightning_apps.preflight import preflight
@@ -808,7 +813,9 @@ def evaluate_test(cfg: DictConfig, best: str, pool_name: str) -> dict[str, Any]:
     backbone = _group_name("backbone", cfg.backbone)
     base = f"python -m lightning_apps.eval mode=single backbone={backbone} pool={pool_name} imsize={cfg.test.imsize}"
     rows = []
+    timings = dict(timings or {})
     for label, ckpt, w in (("before (ImageNet)", None, before_w), ("after (fine-tuned)", best, after_w)):
+        t = time.perf_counter()
         e = with_default_dataset(eval_config(cfg, ckpt_path=ckpt, whiten=w))
         check_config(e)
         preflight(e)
@@ -819,6 +826,7 @@ def evaluate_test(cfg: DictConfig, best: str, pool_name: str) -> dict[str, Any]:
         assert results is not None
         command = base + f" whiten={w}" + (f" ckpt_path={ckpt}" if ckpt else "")
         rows.append(Row(label, "pool", command, results, d.seconds))
+        timings[f"test: {label} (extraction, fits, pooling)"] = time.perf_counter() - t
         ds = session.ds
     out = output_dir(cfg) / "test"
     table = comparison_table(
@@ -831,7 +839,7 @@ def evaluate_test(cfg: DictConfig, best: str, pool_name: str) -> dict[str, Any]:
         kappas=list(cfg.kappas),
         meta={"dataset": ds.name, "queries": ds.num_queries, "database": ds.num_images, "checkpoint": best},
         query_names=[p.stem for p in ds.queries],
-        timings={},
+        timings=timings,
         config_yaml=OmegaConf.to_yaml(cfg),
         n_boot=int(cfg.test.n_boot),
         seed=int(cfg.seed),
@@ -857,10 +865,14 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     check_finetune_config(cfg)
     cfg = with_default_dataset(cfg)
     check_config(cfg)
+    from lightning_apps.compare import group_node
     from lightning_apps.eval import resolve_precision
     from lightning_apps.preflight import preflight
 
-    preflight(cfg)
+    pre = cfg.copy()  # preflight also checks what building train_dataset needs (it is the "whitening" set here)
+    with open_dict(pre):
+        pre.whiten, pre.whiten_train = group_node("whiten", "learned"), str(cfg.train_dataset)
+    preflight(pre)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     resolve_precision(cfg)
     out = output_dir(cfg)
@@ -944,7 +956,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
             log.warning("test: skipped under DDP; run the eval command of results.json on one process")
         else:
             t = time.perf_counter()
-            summary["test"] = evaluate_test(cfg, best, pool_name)
+            summary["test"] = evaluate_test(cfg, best, pool_name, {"fine-tuning (fit)": fit_seconds})
             summary["test_seconds"] = round(time.perf_counter() - t, 1)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_write(out / "results.json", "w") as fh:

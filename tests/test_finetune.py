@@ -95,7 +95,8 @@ def test_every_new_group_composes_and_instantiates(group: str) -> None:
         if group == "loss":
             a, p, n = l2n(torch.randn(3, 8, generator=g)), l2n(torch.randn(3, 8, generator=g)), torch.randn(3, 2, 8)
             value = obj(a, p, l2n(n, dim=-1), torch.ones(3, 2, dtype=torch.bool))
-            assert value.ndim == 0 and torch.isfinite(value)
+            assert value.ndim == 0
+            assert torch.isfinite(value)
         elif group == "miner":
             q, c = l2n(torch.randn(2, 8, generator=g)), l2n(torch.randn(6, 8, generator=g))
             idx = obj(q, c, torch.tensor([0, 1]), torch.tensor([0, 1, 2, 2, -1, 0]), generator=g)
@@ -103,22 +104,28 @@ def test_every_new_group_composes_and_instantiates(group: str) -> None:
         else:
             w = torch.nn.Parameter(torch.randn(4))
             opt = obj([{"params": [w]}])
-            assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == cfg.optim.lr
+            assert isinstance(opt, torch.optim.Optimizer)
+            assert opt.param_groups[0]["lr"] == cfg.optim.lr
 
 
 def test_default_finetune_config() -> None:
     cfg = _compose([])
     assert cfg.backbone._target_ == "deepagg.backbones.mobilenet_v2"
-    assert cfg.pool._target_ == "deepagg.GeM" and cfg.whiten.get("module") is None
-    assert cfg.loss._target_ == "deepagg.ContrastiveLoss" and cfg.miner.strategy == "hardest"
-    assert cfg.train_dataset == "clutter_train" and "dataset" not in cfg
-    assert cfg.trainer.reload_dataloaders_every_n_epochs == 1 and cfg.trainer.enable_checkpointing
+    assert cfg.pool._target_ == "deepagg.GeM"
+    assert cfg.whiten.get("module") is None
+    assert cfg.loss._target_ == "deepagg.ContrastiveLoss"
+    assert cfg.miner.strategy == "hardest"
+    assert cfg.train_dataset == "clutter_train"
+    assert "dataset" not in cfg
+    assert cfg.trainer.reload_dataloaders_every_n_epochs == 1
+    assert cfg.trainer.enable_checkpointing
     ft.check_finetune_config(cfg)
 
 
 def test_whiten_checkpoint_composes_in_eval() -> None:
     cfg = _compose(["whiten=checkpoint", "ckpt_path=/x.ckpt"], name="eval")
-    assert cfg.whiten.fit == "checkpoint" and cfg.whiten.module is None
+    assert cfg.whiten.fit == "checkpoint"
+    assert cfg.whiten.module is None
 
 
 @pytest.mark.parametrize(
@@ -173,7 +180,9 @@ def _fake_split_dataset(gts: list[str | None], objects: list[str | None]) -> Sim
         images=[f"db_{i}.jpg" for i in range(n)],
         queries=[],
         bbx=[],
-        extra={"manifest": {"images": [{"object": o, "gt": g} for o, g in zip(objects, gts)], "queries": []}},
+        extra={
+            "manifest": {"images": [{"object": o, "gt": g} for o, g in zip(objects, gts, strict=True)], "queries": []}
+        },
     )
 
 
@@ -219,19 +228,29 @@ def _parts(cfg):
 
 @pytest.mark.weights
 @pytest.mark.debian
-def test_split_is_by_object_and_mined_negatives_are_other_objects_hardest_first(tiny_root: Path, tmp_path: Path) -> None:
-    cfg, split, _, module, data = _parts(_tiny(tiny_root, tmp_path, "tuples_per_epoch=8"))
+def test_split_is_by_object_and_mined_negatives_are_other_objects_hardest_first(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    _cfg, split, _, module, data = _parts(_tiny(tiny_root, tmp_path, "tuples_per_epoch=8"))
     train_labels = set(split.labels[split.train_rows].tolist()) - {-1}
-    val_labels = set(split.labels[torch.cat([split.val_db, split.val_queries])].tolist()) - {-1}
-    assert len(val_labels) == 1 and not train_labels & val_labels
-    assert not set(split.train_rows.tolist()) & set(torch.cat([split.val_db, split.val_queries]).tolist())
+    val_labels = set(split.labels[split.val_queries].tolist())
+    assert len(val_labels) == 1
+    assert not train_labels & val_labels
+    held = torch.isin(split.labels, torch.tensor(sorted(val_labels)))
+    assert not set(split.train_rows.tolist()) & set(torch.nonzero(held).flatten().tolist())
+    assert split.val_db.tolist() == list(range(40))  # held-out views among every database image
+    for g, q in zip(split.val_gnd, split.val_queries.tolist(), strict=True):  # positives: the query's object only
+        pos = np.concatenate([g["easy"], g["hard"], g["junk"]])
+        assert len(pos)
+        assert set(split.labels[split.val_db[pos]].tolist()) == {int(split.labels[q])}
     manifest = json.loads((tiny_root / "clutter_tiny" / "manifest.json").read_text())
     gt = [r.get("gt") for r in manifest["images"]]
     tuples = data.mine(module, 0)
     assert len(tuples) == 8
     for a, p, *negs in tuples:
         la = int(split.labels[a])
-        assert int(split.labels[p]) == la and (p >= len(gt) or gt[p] in ("easy", "hard"))  # positives: never junk
+        assert int(split.labels[p]) == la
+        assert p >= len(gt) or gt[p] in ("easy", "hard")
         assert negs, "every tuple gets negatives"
         objs = [int(split.labels[n]) for n in negs]
         assert la not in objs  # never a positive or a junk view: those are views of the anchor's object
@@ -246,7 +265,7 @@ def test_split_is_by_object_and_mined_negatives_are_other_objects_hardest_first(
 def test_two_steps_lower_the_loss_on_a_fixed_batch(tiny_root: Path, tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
-    cfg, split, images, module, data = _parts(_tiny(tiny_root, tmp_path))
+    _cfg, _split, images, module, data = _parts(_tiny(tiny_root, tmp_path))
     pl.seed_everything(0, verbose=False)
     fixed = data.mine(module, 0)  # epoch 0 draws the same tuples inside fit (same seed, same model)
     batch = [[images[r] for r in t] for t in fixed]
@@ -258,7 +277,8 @@ def test_two_steps_lower_the_loss_on_a_fixed_batch(tiny_root: Path, tmp_path: Pa
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 2 and data.last_tuples == fixed
+    assert trainer.global_step == 2
+    assert data.last_tuples == fixed
     module.train()
     with torch.no_grad():
         after = float(module.tuple_loss(batch))
@@ -269,17 +289,23 @@ def test_two_steps_lower_the_loss_on_a_fixed_batch(tiny_root: Path, tmp_path: Pa
 @pytest.mark.debian
 def test_resume_continues_step_count_and_optimizer_state(tiny_root: Path, tmp_path: Path) -> None:
     straight = ft.run_finetune(_tiny(tiny_root, tmp_path / "a", "max_epochs=2"))
-    assert straight is not None and straight["global_step"] == 4 and straight["epochs"] == 2
+    assert straight is not None
+    assert straight["global_step"] == 4
+    assert straight["epochs"] == 2
     ft.run_finetune(_tiny(tiny_root, tmp_path / "b", "max_epochs=1"))
     first = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
     resumed = ft.run_finetune(_tiny(tiny_root, tmp_path / "b", "max_epochs=2", "resume=last"))
-    assert resumed is not None and resumed["global_step"] == 4 and resumed["val_before"] is None
+    assert resumed is not None
+    assert resumed["global_step"] == 4
+    assert resumed["val_before"] is None
     a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 4 and a["epoch"] == b["epoch"]
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["epoch"] == b["epoch"]
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys() and len(sa) > 10
+    assert sa.keys() == sb.keys()
+    assert len(sa) > 10
     for k in sa:
         assert float(sa[k]["step"]) == float(sb[k]["step"]) == 4
         torch.testing.assert_close(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=1e-4, atol=1e-7)
@@ -293,7 +319,8 @@ def test_resume_continues_step_count_and_optimizer_state(tiny_root: Path, tmp_pa
     with Image.open(tmp_path / "a" / "training_curve.png") as im:
         assert im.size[0] > im.size[1] > 100
     summary = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert summary["best_checkpoint"].endswith("best.ckpt") and Path(summary["best_checkpoint"]).is_file()
+    assert summary["best_checkpoint"].endswith("best.ckpt")
+    assert Path(summary["best_checkpoint"]).is_file()
     assert "ckpt_path=" in summary["eval_command"]
 
 
@@ -325,9 +352,11 @@ def test_checkpoint_loads_in_the_eval_app(tiny_root: Path, tmp_path: Path) -> No
         name="eval",
     )
     results = eval_app.run(cfg)
-    assert results is not None and results["medium"]["map"] > 0
+    assert results is not None
+    assert results["medium"]["map"] > 0
     meta = json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]
-    assert meta["ckpt_pool"] == "deepagg.GeM" and meta["ckpt_sha256"]
+    assert meta["ckpt_pool"] == "deepagg.GeM"
+    assert meta["ckpt_sha256"]
     # the eval app's descriptors are the fine-tuned model's (maps stored in float16 there)
     saved = torch.load(tmp_path / "eval" / "descriptors.pt", weights_only=False)
     _, split, images, module, _ = _parts(_tiny(tiny_root, tmp_path / "x", f"ckpt_path={ckpt}"))
@@ -342,7 +371,8 @@ def test_checkpoint_loads_in_the_eval_app(tiny_root: Path, tmp_path: Path) -> No
 @pytest.mark.debian
 def test_whitening_layer_trains_and_evaluates_with_whiten_checkpoint(tiny_root: Path, tmp_path: Path) -> None:
     summary = ft.run_finetune(_tiny(tiny_root, tmp_path / "ft", "whiten=learned", "whiten.dim=16"))
-    assert summary is not None and summary["eval_command"].endswith("whiten=checkpoint")
+    assert summary is not None
+    assert summary["eval_command"].endswith("whiten=checkpoint")
     state = torch.load(summary["best_checkpoint"], weights_only=True)["state_dict"]
     assert state["whiten.projection"].shape == (16, 1280)
     base = [f"data_root={tiny_root}", "+dataset=clutter_tiny", "backbone=mobilenet_v2", "pool=gem", "imsize=96"]
@@ -353,7 +383,8 @@ def test_whitening_layer_trains_and_evaluates_with_whiten_checkpoint(tiny_root: 
     )
     assert eval_app.run(cfg) is not None
     meta = json.loads((tmp_path / "e" / "results.json").read_text())["meta"]
-    assert meta["whiten"] == "checkpoint" and meta["whiten_dim"] == 16
+    assert meta["whiten"] == "checkpoint"
+    assert meta["whiten_dim"] == 16
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {k: v for k, v in state.items() if k.startswith("backbone.")}}, plain)
     bad = _compose([*base, "whiten=checkpoint", f"ckpt_path={plain}", f"output_dir={tmp_path / 'f'}"], name="eval")
@@ -372,13 +403,23 @@ def test_test_step_reports_before_and_after_with_paired_stats(tiny_root: Path, t
     assert list(rows) == ["before (ImageNet)", "after (fine-tuned)"]
     assert "ckpt_path=" in rows["after (fine-tuned)"]["command"]
     report = (tmp_path / "test" / "results.md").read_text()
-    assert "after (fine-tuned)" in report and "improved" in report.lower()
+    assert "after (fine-tuned)" in report
+    assert "improved" in report.lower()
     per_query = (tmp_path / "test" / "per_query_ap.csv").read_text().splitlines()
     assert len(per_query) == 1 + 8
     # the before row is the eval app's own number for the same pipeline
     cfg = _compose(
-        [f"data_root={tiny_root}", "+dataset=clutter_tiny", "backbone=mobilenet_v2", "pool=gem", "imsize=96"]
-        + ["mode=single", "whiten=none", "num_vis_queries=0", f"output_dir={tmp_path / 'e'}"],
+        [
+            f"data_root={tiny_root}",
+            "+dataset=clutter_tiny",
+            "backbone=mobilenet_v2",
+            "pool=gem",
+            "imsize=96",
+            "mode=single",
+            "whiten=none",
+            "num_vis_queries=0",
+            f"output_dir={tmp_path / 'e'}",
+        ],
         name="eval",
     )
     res = eval_app.run(cfg)
@@ -403,5 +444,85 @@ def test_non_differentiable_pool_fails_the_run_before_training(tiny_root: Path, 
 @pytest.mark.parametrize("extra", [["loss=triplet", "miner=random", "optim=sgd"], ["pool=hew"]])
 def test_other_losses_miners_optimizers_and_pools_run(tiny_root: Path, tmp_path: Path, extra: list[str]) -> None:
     summary = ft.run_finetune(_tiny(tiny_root, tmp_path, *extra))
-    assert summary is not None and summary["global_step"] == 2
+    assert summary is not None
+    assert summary["global_step"] == 2
     assert np.isfinite(summary["val_last"]["medium"])
+
+
+# ------------------------------------------------------------------------------------------------------ synthetic
+
+
+def _synthetic(precision_dtype: list[torch.dtype]):
+    """A tiny conv backbone + learnable GeM on random images: 3 objects and 2 distractors, no files."""
+    from functools import partial
+
+    from deepagg import ContrastiveLoss, GeM, HardNegativeMiner
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, -1, -1])
+    split = ft.TrainSplit(
+        name="synthetic", paths=[Path(f"{i}.jpg") for i in range(10)], bbx=[None] * 10, labels=labels,
+        objects=["a", "b", "c"], train_objects=["a", "b", "c"], val_objects=[],
+        pairs=torch.tensor([[0, 1], [3, 4], [6, 7], [1, 2]]), candidates=torch.arange(10), val_db=torch.arange(10),
+        val_queries=torch.tensor([2, 5]),
+        val_gnd=[{"easy": np.array([0, 1]), "hard": np.array([], np.int64), "junk": np.array([2])},
+                 {"easy": np.array([3, 4]), "hard": np.array([], np.int64), "junk": np.array([5])}],
+    )  # fmt: skip
+    images = {i: torch.randn(3, 32, 40, generator=g) for i in range(10)}
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU())
+    backbone[0].register_forward_hook(lambda m, i, o: precision_dtype.append(o.dtype))
+    module = ft.Finetuner(
+        backbone, GeM(learnable=True), None, ContrastiveLoss(), partial(torch.optim.Adam, lr=1e-3),
+        val_gnd=split.val_gnd, n_val_db=10,
+    )  # fmt: skip
+    data = ft.TupleData(
+        split, images, HardNegativeMiner(num_negatives=2), tuples_per_epoch=4, tuples_per_batch=2, seed=0
+    )
+    return module, data
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_synthetic_run_in_float32_and_mixed_precision(precision: str) -> None:
+    import pytorch_lightning as pl
+
+    dtypes: list[torch.dtype] = []
+    module, data = _synthetic(dtypes)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision=precision, max_epochs=2, reload_dataloaders_every_n_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4
+    assert module.last_val["epochs"] == 2
+    assert 0 < module.last_val["medium"] <= 100
+    assert float(module.pool.p) != 3.0  # GeM's p is trained, at lr * pool_lr_mult
+    assert all(len(t) == 4 for t in data.last_tuples)  # anchor, positive and 2 negatives of other objects
+    want = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    assert want in dtypes  # the training steps ran under autocast in mixed precision
+
+
+def test_fast_dev_run_on_a_synthetic_datamodule() -> None:
+    import pytorch_lightning as pl
+
+    module, data = _synthetic([])
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.weights
+@pytest.mark.debian
+def test_command_line_run_under_ddp_on_two_processes(tiny_root: Path, tmp_path: Path) -> None:
+    """``python -m lightning_apps.finetune trainer=ddp``: 2 CPU processes share each epoch's tuples."""
+    args = [f"data_root={tiny_root}", "train_dataset=clutter_tiny", "+dataset=clutter_tiny", "val_objects=1"]
+    args += ["train_imsize=96", "tuples_per_epoch=8", "tuples_per_batch=2", "max_epochs=2", "test.enabled=false"]
+    args += ["trainer=ddp", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_apps.finetune", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["global_step"] == 4  # 8 tuples per epoch, 4 per process, 2 per step, 2 epochs
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert [x for x, _ in ft.read_metrics(tmp_path / "logs" / "metrics.csv")["val/mAP"]] == [0.0, 1.0, 2.0]
+    assert "evaluate it: python -m lightning_apps.eval mode=single backbone=mobilenet_v2 pool=gem" in proc.stdout
