@@ -43,9 +43,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def debian_packages() -> None:
     """The Debian packages the ``clutter`` builder needs, fetched (or cached); skips without ``apt-get``.
+
+    Session-scoped, so that module-scoped fixtures (a dataset built once per test module) can use it.
 
     With ``DEEPAGG_REQUIRE_DEBIAN`` set (CI), or wherever ``apt-get`` exists, a failure to fetch is an error.
     """

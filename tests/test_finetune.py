@@ -30,29 +30,13 @@ def _compose(overrides: list[str], name: str = "finetune"):
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+def tiny_root(tmp_path_factory: pytest.TempPathFactory, debian_packages: None) -> Path:
     """A data root with ``clutter_tiny`` built once for this module (4 objects, 8 queries, 40 images)."""
-    request.getfixturevalue("debian_packages")
     from deepagg.data import ensure_clutter
 
     root = tmp_path_factory.mktemp("ft") / "data"
     ensure_clutter(root, variant="tiny", progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def debian_packages() -> None:  # module scope (the conftest fixture is per test)
-    import os
-    import shutil
-
-    from deepagg.data.sources import DebianSourceError, fetch_debs
-
-    try:
-        fetch_debs(["tuxpaint-stamps-default"])
-    except DebianSourceError as exc:
-        if not os.environ.get("DEEPAGG_REQUIRE_DEBIAN") and shutil.which("apt-get") is None:
-            pytest.skip(f"needs apt-get: {exc}")
-        raise
 
 
 def _tiny(root: Path, out: Path, *extra: str):
