@@ -587,6 +587,38 @@ def _group_name(group: str, node: Any = None) -> str:
     return group
 
 
+def fit_on_training_maps(
+    pool: torch.nn.Module, backbone: torch.nn.Module, split: TrainSplit, images: dict[int, torch.Tensor], seed: int
+) -> None:
+    """Fit a pool that learns from feature maps (T-emb's PCA/codebook/rotation, HeW ``hewr``'s centre) first.
+
+    On the starting backbone's maps of the training part's database images (never a validation or test image),
+    one at a time, with the codebook seeded by ``seed``; fine-tuning then trains the backbone through the fitted
+    pool. (The eval app fits such a pool again on its training set's maps of the fine-tuned backbone.)
+    """
+    from lightning_apps.eval import needs_center
+
+    was = backbone.training
+    backbone.eval()
+
+    def maps() -> Any:
+        with torch.no_grad():
+            for r in split.candidates.tolist():
+                yield backbone(images[int(r)][None]).float()[0]
+
+    fitter: Any = pool
+    try:
+        if needs_center(pool):
+            fitter.fit_center(maps())
+        else:
+            fitter.fit(maps(), generator=torch.Generator().manual_seed(seed))
+    except ValueError as err:
+        raise ConfigError(f"finetune: {type(pool).__name__} cannot be fitted on the train split: {err}") from None
+    finally:
+        backbone.train(was)
+    log.info("%s fitted on %d training images before fine-tuning", type(pool).__name__, split.candidates.numel())
+
+
 def build_model(
     cfg: DictConfig, split: TrainSplit, images: dict[int, torch.Tensor], pool_name: str
 ) -> tuple[Finetuner, TupleData]:
@@ -604,14 +636,15 @@ def build_model(
     pool = _instantiate(pool_node, "pool")
     apply_checkpoint_pool([pool], [pool_node], parts)
     channels = int(getattr(backbone, "out_channels", 0)) or int(backbone(torch.zeros(1, 3, 64, 64)).shape[1])
-    if callable(getattr(pool, "fit", None)) or (
-        callable(getattr(pool, "fit_center", None)) and getattr(pool, "variant", None) == "hewr"
-    ):
+    from lightning_apps.eval import needs_center, needs_fit
+
+    if getattr(pool, "mask", None) == "sift":
         raise ConfigError(
-            f"finetune: pool={pool_name} ({type(pool).__name__}) is fitted on training maps before use (a codebook "
-            "or a centre), which fine-tuning does not do yet; choose gem, mac, spoc, rmac, crow, hew or "
-            "agaussian_echannel."
+            f"finetune: pool={pool_name} with mask=sift selects features by SIFT keypoints of the pixels, which "
+            "training does not compute; use pool.mask=max or sum."
         )
+    if needs_fit(pool) or needs_center(pool):
+        fit_on_training_maps(pool, backbone, split, images, int(cfg.seed))
     check_differentiable(pool, channels, pool_name)
     loss = _instantiate(cfg.loss, "loss")
     miner = _instantiate(cfg.miner, "miner")

@@ -206,7 +206,7 @@ def _parts(cfg):
     images = ft.load_images(split, imsize=int(cfg.train_imsize), resize=str(cfg.resize))
     with open_dict(cfg):
         cfg.trainer.precision = "32-true"
-    module, data = ft.build_model(cfg, split, images, "gem")
+    module, data = ft.build_model(cfg, split, images, ft._group_name("pool", cfg.pool))
     return cfg, split, images, module, data
 
 
@@ -425,7 +425,9 @@ def test_non_differentiable_pool_fails_the_run_before_training(tiny_root: Path, 
 
 @pytest.mark.weights
 @pytest.mark.debian
-@pytest.mark.parametrize("extra", [["loss=triplet", "miner=random", "optim=sgd"], ["pool=hew"]])
+@pytest.mark.parametrize(
+    "extra", [["loss=triplet", "miner=random", "optim=sgd"], ["pool=hew"], ["pool=temb"], ["pool=hew_hewr"]]
+)
 def test_other_losses_miners_optimizers_and_pools_run(tiny_root: Path, tmp_path: Path, extra: list[str]) -> None:
     summary = ft.run_finetune(_tiny(tiny_root, tmp_path, *extra))
     assert summary is not None
@@ -510,3 +512,13 @@ def test_command_line_run_under_ddp_on_two_processes(tiny_root: Path, tmp_path: 
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
     assert [x for x, _ in ft.read_metrics(tmp_path / "logs" / "metrics.csv")["val/mAP"]] == [0.0, 1.0, 2.0]
     assert "evaluate it: python -m lightning_apps.eval mode=single backbone=mobilenet_v2 pool=gem" in proc.stdout
+
+
+@pytest.mark.weights
+@pytest.mark.debian
+def test_fitted_pools_are_fitted_on_the_train_split_first(tiny_root: Path, tmp_path: Path) -> None:
+    *_, module, _ = _parts(_tiny(tiny_root, tmp_path, "pool=temb"))
+    assert bool(module.pool.fitted)  # PCA, codebook and rotation learned from the training part's maps
+    ft.check_differentiable(module.pool, 1280, "temb")  # and the backbone trains through it
+    with pytest.raises(ConfigError, match=r"pool=temb with mask=sift selects features by SIFT keypoints"):
+        _parts(_tiny(tiny_root, tmp_path, "pool=temb", "pool.mask=sift"))
