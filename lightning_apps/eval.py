@@ -1483,19 +1483,28 @@ def resolve_mode(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str
 USER_ERRORS = (DatasetNotFoundError, ConfigError, ImageReadError)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; user errors (missing data, bad config, unreadable query) exit with code 2, one paragraph."""
+def exit_on_user_error(fn: Any, cfg: DictConfig) -> None:
+    """``fn(cfg)``; a user error (missing data, bad config, unreadable image) exits with code 2 and one paragraph."""
     try:
-        if resolve_mode(cfg) == "compare":
-            from lightning_apps.compare import run_compare
-
-            run_compare(cfg)
-        else:
-            run(cfg)
+        fn(cfg)
     except USER_ERRORS as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def _run_mode(cfg: DictConfig) -> None:
+    if resolve_mode(cfg) == "compare":
+        from lightning_apps.compare import run_compare
+
+        run_compare(cfg)
+    else:
+        run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; user errors (missing data, bad config, unreadable query) exit with code 2, one paragraph."""
+    exit_on_user_error(_run_mode, cfg)
 
 
 if __name__ == "__main__":

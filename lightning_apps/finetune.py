@@ -64,7 +64,6 @@ from deepagg._io import atomic_write
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import ImageReadError
 from lightning_apps.eval import (
-    USER_ERRORS,
     ConfigError,
     _instantiate,
     _is_int,
@@ -75,6 +74,7 @@ from lightning_apps.eval import (
     dataset_config,
     dataset_key_overrides,
     describe_with,
+    exit_on_user_error,
     load_dataset,
     output_dir,
     positive_pairs,
@@ -333,17 +333,13 @@ class Finetuner(pl.LightningModule):
 
     def tuple_loss(self, batch: list[list[torch.Tensor]]) -> torch.Tensor:
         """The loss of a batch of tuples ``[anchor, positive, negative, ...]`` (negatives padded and masked)."""
-        desc = [torch.stack([self(im) for im in t]) for t in batch]
-        k = max(d.shape[0] - 2 for d in desc)
-        dim = desc[0].shape[1]
-        negatives = desc[0].new_zeros(len(desc), k, dim)
-        mask = torch.zeros(len(desc), k, dtype=torch.bool, device=negatives.device)
-        for i, d in enumerate(desc):
-            negatives[i, : d.shape[0] - 2] = d[2:]
-            mask[i, : d.shape[0] - 2] = True
-        anchor = torch.stack([d[0] for d in desc])
-        positive = torch.stack([d[1] for d in desc])
-        return self.loss(anchor.float(), positive.float(), negatives.float(), mask)  # type: ignore[no-any-return]
+        # One forward per image: each keeps its own size (padding would change the maps near the border).
+        desc = [torch.stack([self(im) for im in t]).float() for t in batch]
+        negatives = torch.nn.utils.rnn.pad_sequence([d[2:] for d in desc], batch_first=True)
+        counts = torch.tensor([d.shape[0] - 2 for d in desc], device=negatives.device)
+        mask = torch.arange(negatives.shape[1], device=negatives.device) < counts[:, None]
+        anchor, positive = torch.stack([d[0] for d in desc]), torch.stack([d[1] for d in desc])
+        return self.loss(anchor, positive, negatives, mask)  # type: ignore[no-any-return]
 
     def training_step(self, batch: list[list[torch.Tensor]], batch_idx: int) -> torch.Tensor:
         loss = self.tuple_loss(batch)
@@ -447,9 +443,10 @@ class TupleData(pl.LightningDataModule):
             s.labels[s.candidates],
             generator=g,
         )
-        tuples = []
-        for (a, p), row in zip(pairs.tolist(), negs.tolist(), strict=True):
-            tuples.append([a, p, *(int(s.candidates[j]) for j in row if j >= 0)])
+        neg_rows = torch.where(negs >= 0, s.candidates[negs.clamp_min(0)], -1)  # candidate index -> row
+        tuples = [
+            [*pair, *(r for r in row if r >= 0)] for pair, row in zip(pairs.tolist(), neg_rows.tolist(), strict=True)
+        ]
         n_neg = sum(len(t) - 2 for t in tuples)
         log.info(
             "epoch %d: %d tuples, %d negatives mined from %d candidates (%.1f s)",
@@ -516,9 +513,8 @@ def check_finetune_config(cfg: DictConfig) -> None:
         need(_is_int(v) and v >= low, f"{key} must be an int >= {low}; got {v!r}.")
     v = _plain(cfg.get("train_imsize"))
     need(_is_int(v) and v >= 32, f"train_imsize must be an int >= 32 (the long side in pixels); got {v!r}.")
-    for key in ("pool_lr_mult",):
-        v = _plain(cfg.get(key))
-        need(_is_number(v) and float(v) >= 0, f"{key} must be a finite number >= 0; got {v!r}.")
+    v = _plain(cfg.get("pool_lr_mult"))
+    need(_is_number(v) and float(v) >= 0, f"pool_lr_mult must be a finite number >= 0; got {v!r}.")
     v = _plain(cfg.get("lr_decay"))
     need(_is_number(v) and 0 < float(v) <= 1, f"lr_decay must be a number in (0, 1]; got {v!r}.")
     for key in ("freeze_bn", "learn_pool"):
@@ -1009,11 +1005,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; user errors exit with code 2 and one paragraph."""
-    try:
-        run_finetune(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(run_finetune, cfg)
 
 
 if __name__ == "__main__":
