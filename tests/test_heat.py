@@ -16,7 +16,7 @@ import torch
 import deepagg
 from deepagg import functional as F
 from deepagg._checks import DTypeError, ShapeError
-from deepagg.functional import _blocking
+from deepagg.functional import _blocking, _spd
 from deepagg.functional._blocking import batch_blocks
 from deepagg.functional.heat import heat_rerank, hew, hew_weights
 
@@ -329,6 +329,14 @@ def _kw(variant: str, center: torch.Tensor | None = None, thr: float | None = No
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[None, 3], ids=["lapack-leaf", "recursive"])
+def spd_base(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test twice: as shipped (these small systems are one LAPACK leaf) and with the blocked recursion of
+    ``_spd.inverse_cholesky_factor`` forced down to 3 x 3 leaves (what n = 3072 or C = 512 takes)."""
+    if request.param is not None:
+        monkeypatch.setattr(_spd, "BASE", request.param)
+
+
 class TestHeWWeights(BaseTester):
     def test_smoke(self) -> None:
         x = relu_maps(2, 6, 5, 7, dtype=torch.float32)
@@ -354,6 +362,7 @@ class TestHeWWeights(BaseTester):
 
     @pytest.mark.parametrize(("variant", "method"), VARIANT_METHODS, ids=VM_IDS)
     @pytest.mark.parametrize("shape", [(2, 5, 6, 7), (2, 16, 3, 2)], ids=["n>C", "n<C"])
+    @pytest.mark.usefixtures("spd_base")
     def test_reference(self, variant: str, method: str, shape: tuple[int, int, int, int]) -> None:
         x = relu_maps(*shape, seed=1)
         mask = random_mask(shape[0], shape[2], shape[3], seed=2)
@@ -529,6 +538,7 @@ class TestHeWWeights(BaseTester):
 
     @pytest.mark.parametrize("variant", ["paper", "hewr"])
     @pytest.mark.parametrize("garbage", ["large", "nonfinite"])
+    @pytest.mark.usefixtures("spd_base")
     def test_padded_batch_equals_single_images(self, variant: str, garbage: str) -> None:
         sizes = [(5, 6), (3, 7), (5, 7), (2, 2)]
         imgs = [relu_maps(1, 6, h, w, seed=20 + i) for i, (h, w) in enumerate(sizes)]
@@ -609,6 +619,7 @@ class TestHeWWeights(BaseTester):
             ("hewr", "cholesky", (2, 4, 2, 3)),
         ],
     )
+    @pytest.mark.usefixtures("spd_base")
     def test_gradcheck(self, variant: str, method: str, shape: tuple[int, int, int, int]) -> None:
         x = positive_maps(*shape, seed=16)
         kw: dict[str, Any] = {}
@@ -622,6 +633,7 @@ class TestHeWWeights(BaseTester):
         x.requires_grad_()
         assert self.gradcheck(lambda t: hew_weights(t, lam=lam, variant=variant, method=method, **kw), (x,))
 
+    @pytest.mark.usefixtures("spd_base")
     def test_gradcheck_masked(self) -> None:
         x = positive_maps(2, 2, 2, 3, seed=17)
         mask = torch.ones(2, 2, 3, dtype=torch.bool)
@@ -635,7 +647,9 @@ class TestHeWWeights(BaseTester):
         )
 
     @pytest.mark.parametrize(("variant", "method"), VARIANT_METHODS, ids=VM_IDS)
+    @pytest.mark.usefixtures("spd_base")
     def test_compile(self, variant: str, method: str) -> None:
+        torch._dynamo.reset()  # fn's code object is compiled once per case: 12 cases exceed the recompile limit
         x = relu_maps(2, 4, 5, 6, seed=18, dtype=torch.float32)
         mask = random_mask(2, 5, 6, seed=19)
         kw = _kw(variant, x.mean((0, 2, 3)))

@@ -21,28 +21,37 @@ column sums of :math:`M^{-1}` are :math:`a_l/\lambda` and eq. 13 collapses to
 Only the diagonal of :math:`K^{-1}` is needed. With unit features :math:`U` (n x C) and
 :math:`E = \mathrm{diag}(U U^\top \mathbf{1} + \lambda)`, :math:`K = E - U U^\top` has rank-C structure; Woodbury
 with :math:`Z = E^{-1/2} U` and the C x C matrix :math:`G = I - Z^\top Z` (SPD iff K is) gives
-:math:`(K^{-1})_{ll} = (1 + z_l^\top G^{-1} z_l)/E_l`: :math:`O(nC^2)` instead of :math:`O(n^3)`.
+:math:`(K^{-1})_{ll} = (1 + z_l^\top G^{-1} z_l)/E_l`: :math:`O(nC^2)` instead of :math:`O(n^3)`. With
+:math:`G^{-1} = M^\top M` (M the inverse Cholesky factor, lower triangular, ``_spd.py``),
+:math:`z_l^\top G^{-1} z_l = \lVert M z_l \rVert^2`. Both products, :math:`Z^\top Z` and :math:`M Z^\top`, are
+computed by lower block rows only (``GRAM_BLOCKS = 4``: 5/8 of the full products' work), so the path does
+:math:`2.5nC^2` multiply-adds where ``Z^T Z`` and ``G^{-1} Z^T`` do :math:`4nC^2`.
 
 *HeW, ``variant="hewr"``* (the authors' MATLAB ``Weight_Heat.m``/``get_potential_inv.m``): the affinity is
-thresholded, so it has no low-rank structure and the dense Cholesky path is the only exact one (it costs
-:math:`O(n^3)`: at n = 3072 several times the Woodbury path of ``"paper"``, see ``benchmarks/bench_heat.py``).
+thresholded, so it has no low-rank structure and the dense n x n path is the only exact one (it costs
+:math:`O(n^3)`: at n = 3072 about 20 times the Woodbury path of ``"paper"``, see ``benchmarks/bench_heat.py``).
 The authors invert :math:`L = I - \mathrm{diag}(a)^{-1}A` (ground row removed, :math:`a = A\mathbf{1} + Z`);
 :math:`L^{-1} = K^{-1}\mathrm{diag}(a)`, so their potential ``(colsum(Linv) - diag(Linv)) / diag(Linv) / (n+1)``
-equals :math:`\sum_{m \ne l} (K^{-1})_{ml} / (K^{-1})_{ll} / (n+1)`, computed here from the off-diagonal sum of
-:math:`K^{-1}` (all entries of :math:`K^{-1}` are >= 0, so there is no cancellation).
+equals :math:`\sum_{m \ne l} (K^{-1})_{ml} / (K^{-1})_{ll} / (n+1)`. Since :math:`K\mathbf{1} = Z\mathbf{1}`,
+:math:`\sum_m (K^{-1})_{ml} = 1/Z`: the potential needs only :math:`\mathrm{diag}(K^{-1})` too, the same
+quantity as ``"paper"``, from the dense inverse Cholesky factor (``_spd.inverse_diagonal``: about
+:math:`2n^3/3` multiply-adds, a third of an explicit inverse's :math:`2n^3`).
 
 *HeR* (both variants): the query is the heat source of a (k+1)-node graph; its k database nodes have
 :math:`\mu = K_{dd}^{-1} A_{dq}` with :math:`K_{dd} = \mathrm{diag}(A_{d\cdot}\mathbf{1} + c) - A_{dd}` (eq. 14;
 the authors' "query column of the inverse of the grounded Laplacian" is this vector times a positive constant,
-so it ranks identically). One k x k Cholesky solve per query.
+so it ranks identically). One (k+1) x (k+1) Cholesky factorisation and one triangular solve per query.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
 from deepagg.functional._blocking import blocked, fill_padding
+from deepagg.functional._spd import block_edges, inverse_cholesky_factor, inverse_diagonal, lower_gram
 from deepagg.functional.pooling import _check_maps
 from deepagg.functional.qe import _compute_dtype
 
@@ -51,6 +60,8 @@ __all__ = ["heat_rerank", "hew", "hew_weights"]
 VARIANTS = ("paper", "hewr")
 METHODS = ("auto", "cholesky", "woodbury")
 HEWR_THRESHOLD = 0.1
+#: Row blocks of the lower-triangle Gram and triangular products: (b + 1) / (2b) of a full product's work.
+GRAM_BLOCKS = 4
 
 
 def _check_positive(value: float, name: str, fn: str) -> float:
@@ -78,19 +89,13 @@ def _inv_norms(f: torch.Tensor, keep: torch.Tensor, buf: torch.Tensor | None = N
     return torch.where(ok, torch.rsqrt(torch.where(ok, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def _cholesky(k: torch.Tensor) -> torch.Tensor:
-    """Batched Cholesky factor; a matrix that is not positive definite gives a NaN factor (reported per item)."""
-    factor, info = torch.linalg.cholesky_ex(k)
-    bad = (info != 0)[..., None, None]
-    return torch.where(bad, torch.full_like(factor, float("nan")), factor)
-
-
 def _auto_method(n: int, c: int) -> str:
     r"""The cheaper exact path of ``variant="paper"`` for n positions and C channels, by flop count.
 
-    Dense: Gram :math:`2n^2C` + Cholesky and inverse :math:`\approx n^3`; Woodbury: :math:`4nC^2 + C^3`.
+    Dense: half the Gram :math:`n^2C` + the inverse Cholesky factor :math:`\approx 2n^3/3`; Woodbury:
+    :math:`2.5nC^2 + 2C^3/3` (both as computed below, with the blocked lower-triangle products).
     """
-    return "woodbury" if 4 * n * c * c + c**3 < 2 * n * n * c + n**3 else "cholesky"
+    return "woodbury" if 2.5 * n * c * c + 2 * c**3 / 3 < n * n * c + 2 * n**3 / 3 else "cholesky"
 
 
 def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str) -> torch.Tensor:
@@ -98,9 +103,10 @@ def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str
     c, n = f.shape[-2], f.shape[-1]
     if method == "auto":
         method = _auto_method(n, c)
+    grad = f.requires_grad
     # Without autograd one map-sized work buffer serves the squares and then the scaled features: every fresh
     # map-sized allocation costs page faults on a CPU (glibc hands buffers this large back to the OS).
-    buf = None if f.requires_grad else torch.empty_like(f)
+    buf = None if grad else torch.empty_like(f)
     inv = _inv_norms(f, valid, buf)  # (B, n); 0 marks a masked or zero feature: it takes no part
     ok = inv > 0
     # E_l = a_l + 1 = u_l . (sum_m u_m) + lam (the self term u_l.u_l = 1 of the Gram matrix is inside it).
@@ -109,46 +115,78 @@ def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str
     if method == "woodbury":
         scale = (inv * torch.rsqrt(e))[:, None]
         zt = f * scale if buf is None else torch.mul(f, scale, out=buf)  # (B, C, n), column l = u_l / sqrt(E_l)
-        g = torch.eye(c, dtype=f.dtype, device=f.device) - zt @ zt.mT
-        ginv = torch.cholesky_inverse(_cholesky(g))
-        w = ginv @ zt
-        w = w * zt if zt.requires_grad else w.mul_(zt)  # in place without autograd: one map-sized buffer less
-        d = (1 + w.sum(1)) / e
+        g = _lower_minus_gram(zt, 1.0, grad)  # G = I - Z^T Z, lower block triangle
+        m = inverse_cholesky_factor(g)  # G^-1 = M^T M, M lower triangular
+        # z_l^T G^-1 z_l = ||M z_l||^2; block row i of M is 0 right of its diagonal block (5/8 of a full product).
+        quad = torch.ones_like(e)
+        for a, b in itertools.pairwise(block_edges(c, GRAM_BLOCKS)):
+            y = m[..., a:b, :b] @ zt[..., :b, :]
+            y = y * y if grad else y.mul_(y)
+            quad = quad + y.sum(-2) if grad else quad.add_(y.sum(-2))
+        d = quad / e  # (1 + z^T G^-1 z) / E
     else:
-        ut = f * inv[:, None]
-        d = torch.cholesky_inverse(_cholesky(torch.diag_embed(e) - ut.mT @ ut)).diagonal(dim1=-2, dim2=-1)
+        ut = f * inv[:, None] if buf is None else torch.mul(f, inv[:, None], out=buf)
+        d = inverse_diagonal(_lower_minus_gram(ut.mT, e, grad))  # K = E - U U^T
     return torch.where(ok, lam * d, torch.zeros_like(d))
+
+
+def _lower_minus_gram(z: torch.Tensor, diag: torch.Tensor | float, grad: bool) -> torch.Tensor:
+    """``diag(diag) - Z Z^T`` of ``z`` (B, m, C), lower block triangle only (see :func:`lower_gram`)."""
+    gram = lower_gram(z, GRAM_BLOCKS)
+    if grad:
+        d = torch.as_tensor(diag, dtype=z.dtype, device=z.device)
+        return torch.diag_embed(d.expand(gram.shape[:-1])) - gram
+    gram.neg_().diagonal(dim1=-2, dim2=-1).add_(diag)
+    return gram
 
 
 def _hewr_weights(
     f: torch.Tensor, valid: torch.Tensor, lam: float, center: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
     """The authors' potential, inverted; f: (B, C, n) uncentred features."""
+    grad = f.requires_grad or (center is not None and center.requires_grad)
     n_valid = valid.sum(-1, keepdim=True).to(f.dtype)
-    zero_sum = f.sum(1) == 0
     fc = f if center is None else f - center.to(f.dtype)[:, None]
-    ut = fc * _inv_norms(fc, valid)[:, None]
-    a = ut.mT @ ut
-    n = f.shape[-1]
-    eye = torch.eye(n, dtype=torch.bool, device=f.device)
-    drop = eye | (zero_sum[..., :, None] & zero_sum[..., None, :]) | ~(valid[..., :, None] & valid[..., None, :])
-    a = torch.where(drop | (a < threshold) | (a <= 0), torch.zeros_like(a), a)
-    positive = (a > 0).sum((-2, -1)).to(f.dtype)
+    # Masked positions get u = 0, so no affinity (the where, not the product: NaN padding times 0 is NaN).
+    ut = torch.where(valid[:, None], fc * _inv_norms(fc, valid)[:, None], 0.0)
+    # Keep the affinities >= threshold and > 0 (F.threshold keeps x > t: t is the float just below threshold).
+    keep_above = _below(threshold, f.dtype) if threshold > 0 else 0.0
+    a = torch.nn.functional.threshold(ut.mT @ ut, keep_above, 0.0, inplace=not grad)
+    a.diagonal(dim1=-2, dim2=-1).zero_()
+    # The block between positions whose uncentred channel sum is 0 is zeroed (a rank-1 mask).
+    zero = (f.sum(1) == 0).to(f.dtype)
+    outer = torch.baddbmm(torch.ones_like(a[:, :1, :1]), zero[..., :, None], zero[..., None, :], alpha=-1)
+    a = a * outer if grad else a.mul_(outer)
+    del outer
+    positive = torch.count_nonzero(a, dim=(-2, -1)).to(f.dtype)
     # Ground conductance Z = lam * mean of the positive affinities; an image without any keeps Z = lam (then
     # every node is isolated and the weights below do not depend on Z).
     zc = torch.where(positive > 0, lam * a.sum((-2, -1)) / positive.clamp(min=1), torch.full_like(positive, lam))
     deg = a.sum(-1)
-    k = torch.diag_embed(torch.where(valid, deg + zc[..., None], torch.ones_like(deg))) - a
-    kinv = torch.cholesky_inverse(_cholesky(k))
-    diag = kinv.diagonal(dim1=-2, dim2=-1)
-    off = torch.where(eye, torch.zeros_like(kinv), kinv).sum(-2)  # sum_{m != l} Kinv(m, l), entries >= 0
+    diag = torch.where(valid, deg + zc[..., None], torch.ones_like(deg))
+    if grad:
+        k = torch.diag_embed(diag) - a
+    else:
+        k = a.neg_()
+        k.diagonal(dim1=-2, dim2=-1).add_(diag)
+    d = inverse_diagonal(k)  # (K^-1)_ll
+    # Off-diagonal column sums of K^-1: K 1 = Z 1 on the valid block, so K^-1 1 = 1 / Z there, and the sum is
+    # 1/Z - (K^-1)_ll (no solve; for a connected node (K^-1)_ll <= (1/Z) (s + Z) / (2s + Z) with s >= its
+    # strongest affinity, so the difference keeps its precision unless Z is far above the affinities).
+    off = 1 / zc[..., None] - d
     connected = valid & (deg > 0)
     # weight = 1 / potential = diag * (n + 1) / off; an isolated node (off = 0) would get +inf (NaN descriptor in
     # the authors' code): it gets the largest weight of its image's connected nodes, or 1 when none is connected.
-    w = torch.where(connected, diag * (n_valid + 1) / torch.where(connected, off, torch.ones_like(off)), 0.0)
+    w = torch.where(connected, d * (n_valid + 1) / torch.where(connected, off, torch.ones_like(off)), 0.0)
     top = w.amax(-1, keepdim=True)
     fill = torch.where(connected.any(-1, keepdim=True), top, torch.ones_like(top))
     return torch.where(connected, w, torch.where(valid, fill.expand_as(w), torch.zeros_like(w)))
+
+
+def _below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number below ``value`` (as that dtype rounds it)."""
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(-float("inf"), dtype=dtype)))
 
 
 def _hew_checks(
@@ -414,32 +452,74 @@ def hew(
     return pooled.clamp(min=eps).pow(alpha).to(x.dtype)
 
 
-@torch.no_grad()
-def _her_rewards(q: torch.Tensor, top: torch.Tensor, *, lam: float, variant: str = "paper") -> torch.Tensor:
-    r"""HeR rewards :math:`\mu` :math:`(Q, k)` of each query's shortlist ``top`` :math:`(Q, k, D)`; no autograd.
+class _HeRWork:
+    """Work buffers of :func:`heat_rerank`, made once per call and reused by every chunk of queries.
 
-    See :func:`heat_rerank`. Works in place on one (Q, k+1, k+1) buffer: centre (and normalise), one batched
-    Gram matmul, clip, ground, one batched Cholesky factorisation and solve.
+    ``x`` :math:`(Q, k+1, D)`: the shortlist vectors and the query. ``s`` :math:`(Q, k+1, k+1)`: the system
+    matrix; its strictly upper blocks (of :func:`block_edges`) are never written and stay 0. ``mean``: a row of
+    ``1 / (k+1)`` (the set's mean as one matrix product). :meth:`views` gives the block views of the first m
+    queries (made once per m: on 2 CPU cores the slicing of every block for every query was a tenth of the time).
     """
-    x = torch.cat([top, q[:, None]], dim=1)  # (Q, k+1, D), the query last (the authors' node order)
-    x -= x.mean(dim=1, keepdim=True)
+
+    def __init__(self, step: int, k: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        n = k + 1
+        self.edges = block_edges(n, GRAM_BLOCKS)
+        width = max(b - a for a, b in itertools.pairwise(self.edges))
+        self.x = torch.empty(step, n, d, dtype=dtype, device=device)
+        self.s = torch.zeros(step, n, n, dtype=dtype, device=device)
+        self.strict = torch.ones(width, width, dtype=dtype, device=device).tril_(-1)
+        self.mean = torch.full((1, 1, n), 1.0 / n, dtype=dtype, device=device)
+        self._views: dict[int, tuple] = {}
+
+    def views(self, m: int) -> tuple:
+        """``x``, ``s``, the Gram blocks ``(out, left, right)``, the diagonal blocks with their strict masks."""
+        if m not in self._views:
+            x, s = self.x[:m], self.s[:m]
+            pairs = list(itertools.pairwise(self.edges))
+            gram = [(s[:, a:b, :b], x[:, a:b], x[:, :b].mT) for a, b in pairs]
+            diag = [(s[:, a:b, a:b], self.strict[: b - a, : b - a]) for a, b in pairs]
+            self._views[m] = (x, s, gram, diag, s.diagonal(dim1=-2, dim2=-1))
+        return self._views[m]
+
+
+@torch.no_grad()
+def _her_rewards(q: torch.Tensor, work: _HeRWork, m: int, *, lam: float, variant: str) -> torch.Tensor:
+    r"""HeR rewards :math:`\mu` :math:`(m, k)` of ``m`` queries; no autograd. See :func:`heat_rerank`.
+
+    The first k rows of ``work.x[:m]`` hold each query's shortlist vectors; the query goes last (the authors'
+    node order). Only the lower block triangle of the Gram matrix is computed (5/8 of the work), negated, so
+    that ``work.s`` becomes the grounded Laplacian K of all k + 1 nodes in place (lower triangle). Its Cholesky
+    factor L holds the first half of the solve for free: the query's row of L is :math:`-L_{dd}^{-1} A_{dq}`,
+    so :math:`\mu = K_{dd}^{-1} A_{dq}` is one triangular solve with L itself.
+    """
+    x, s, gram, diag_blocks, diagonal = work.views(m)
+    x[:, -1] = q
+    x -= work.mean @ x
     if variant == "paper":
-        sq = (x * x).sum(-1, keepdim=True)
-        x *= torch.where(sq > 0, sq, 1.0).rsqrt_()  # a zero centred vector stays zero
-    s = x @ x.mT
-    s.clamp_(min=0)
-    s.diagonal(dim1=-2, dim2=-1).zero_()
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        x /= norm.masked_fill_(norm == 0, 1.0)  # a zero centred vector stays zero
+    compiling = torch.compiler.is_compiling()
+    for out, left, right in gram:
+        if compiling:  # Dynamo refuses a non-contiguous out=
+            out.copy_(-(left @ right))
+        else:
+            torch.baddbmm(out, left, right, beta=0, alpha=-1, out=out)
+    s.clamp_(max=0)  # -max(affinity, 0)
+    for block, strict in diag_blocks:
+        block.mul_(strict)  # strictly lower: the diagonal and its mirror dropped
+    minus_degree = s.sum(-1).add_(s.sum(-2))  # minus the full symmetric row sums
     if variant == "paper":
-        ground = torch.full(s.shape[:-2], lam, dtype=s.dtype, device=s.device)
+        diagonal.copy_(minus_degree.neg_().add_(lam))
     else:
-        positive = torch.count_nonzero(s, dim=(-2, -1)).to(s.dtype)
-        mean = s.sum((-2, -1)) / positive.clamp(min=1)
-        ground = torch.where(positive > 0, lam * mean, torch.full_like(positive, lam))
-    degree = s[:, :-1].sum(-1)  # over all k+1 nodes, the query included
-    rhs = s[:, :-1, -1:].clone()
-    kdd = s[:, :-1, :-1].neg_()
-    kdd.diagonal(dim1=-2, dim2=-1).add_(degree + ground[:, None])
-    return torch.cholesky_solve(rhs, _cholesky(kdd))[..., 0]
+        positive = torch.count_nonzero(s, dim=(-2, -1)).to(s.dtype)[:, None]
+        mean = -s.sum((-2, -1))[:, None] / positive.clamp(min=1)  # the same over one triangle as over both
+        diagonal.copy_(torch.where(positive > 0, lam * mean, lam) - minus_degree)
+    factor, info = torch.linalg.cholesky_ex(s)
+    # L^T z = (-l_q, 0) with l_q the query's row of L gives z = (mu, 0); as z^T L = (-l_q, 0)^T, no transpose.
+    rhs = factor[:, -1:, :].neg()
+    rhs[..., -1] = 0
+    mu = torch.linalg.solve_triangular(factor, rhs, upper=False, left=False)[:, 0, :-1]
+    return mu.masked_fill_((info != 0)[:, None], 0.0)  # not PD: every reward ties
 
 
 def heat_rerank(
@@ -510,14 +590,21 @@ def heat_rerank(
         return ranks.clone()
     dtype = _compute_dtype(q, db)
     step = chunk if chunk is not None else (q.shape[0] if q.device.type == "cuda" else 1)
+    step = min(step, q.shape[0])
     head = ranks[:, :k]
     qc, dbc = q.to(dtype), db.to(dtype)  # once, not per chunk
+    work = _HeRWork(step, k, q.shape[1], dtype, q.device)
     out = []
     with torch.no_grad():
         for start in range(0, q.shape[0], step):
-            sl = slice(start, start + step)
-            top = head[sl]
-            mu = _her_rewards(qc[sl], dbc[top], lam=lam, variant=variant)
+            top = head[start : start + step]
+            m = top.shape[0]
+            rows = work.x[:m, :k]
+            if rows.is_contiguous():  # one query: gather straight into the buffer
+                torch.index_select(dbc, 0, top.reshape(-1), out=rows.view(m * k, -1))
+            else:
+                rows.copy_(dbc[top])
+            mu = _her_rewards(qc[start : start + step], work, m, lam=lam, variant=variant)
             mu = torch.nan_to_num(mu, nan=0.0)  # a failed factorisation keeps the old order (all ties)
             order = torch.argsort(mu, dim=1, descending=True, stable=True)
             out.append(top.gather(1, order))
