@@ -50,6 +50,11 @@ def lower_gram(z: torch.Tensor, blocks: int = 4) -> torch.Tensor:
     edges = block_edges(n, blocks)
     if len(edges) <= 2:
         return z @ z.mT
+    if not (z.requires_grad or torch.compiler.is_compiling()):  # write the blocks in place: no pads, no cat
+        out = z.new_zeros((*z.shape[:-1], n))
+        for a, b in itertools.pairwise(edges):
+            torch.matmul(z[..., a:b, :], z[..., :b, :].mT, out=out[..., a:b, :b])
+        return out
     rows = []
     for a, b in itertools.pairwise(edges):
         part = z[..., a:b, :] @ z[..., :b, :].mT
@@ -60,9 +65,14 @@ def lower_gram(z: torch.Tensor, blocks: int = 4) -> torch.Tensor:
 
 def _leaf(k: torch.Tensor) -> torch.Tensor:
     """The inverse Cholesky factor of a small SPD ``k`` from its lower triangle; NaN where not SPD."""
-    sym = k.tril() + k.tril(-1).mT
-    factor, info = torch.linalg.cholesky_ex(sym)
-    factor = torch.where((info != 0)[..., None, None], torch.full_like(factor, float("nan")), factor)
+    if k.requires_grad:  # LAPACK reads the lower triangle anyway; symmetrised, the gradient is that of the lower one
+        k = k.tril() + k.tril(-1).mT
+    factor, info = torch.linalg.cholesky_ex(k)
+    bad = (info != 0)[..., None, None]
+    if factor.requires_grad:
+        factor = torch.where(bad, torch.full_like(factor, float("nan")), factor)
+    else:
+        factor.masked_fill_(bad, float("nan"))
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device).expand_as(factor)
     return torch.linalg.solve_triangular(factor, eye, upper=False)
 
