@@ -543,10 +543,11 @@ def heat_rerank(
     k + 1 nodes (``lam = 0.1`` is their ``constZ``), reward = the query's column of the inverse of the grounded,
     row-normalised Laplacian restricted to the k images (a positive multiple of :math:`\mu` above, so the same
     order). The top k are re-sorted by decreasing reward, ties kept in their old order; the rest of each ranking
-    is unchanged. ``k`` is capped at the ranking length. One k x k Cholesky solve per query (batched; the
-    queries are processed ``chunk`` at a time: None = all at once on CUDA, one at a time on CPU, which measured
-    faster on 2 cores, ``benchmarks/bench_heat.py``). A query whose system is not positive definite (impossible
-    for finite inputs) keeps its order. The selection is not differentiable (rankings are returned).
+    is unchanged. ``k`` is capped at the ranking length. Per query one (k+1) x (k+1) Cholesky factorisation
+    and one triangular solve (batched; the queries are processed ``chunk`` at a time: None = all at once on CUDA,
+    one at a time on CPU, which measured faster on 2 cores, ``benchmarks/bench_heat.py``). A query whose system
+    is not positive definite (impossible for finite inputs) keeps its order. The selection is not
+    differentiable (rankings are returned).
 
     Args:
         q: L2-normalised query descriptors :math:`(Q, D)`.
