@@ -9,6 +9,10 @@
   the textbook Woodbury path (:math:`Z^\\top Z` and :math:`Z G^{-1}`, 4nC^2 flops per image). deepagg's path
   computes both products by lower block rows (2.5nC^2), so it can come in under 1.0x.
 - "paper" forced onto the n x n Cholesky path, to show what the hewr threshold costs (it rules out Woodbury).
+- "inverse diagonal": ``diag(K^-1)`` of SPD matrices (the grounded Laplacians of post-ReLU maps) by
+  ``deepagg.functional._spd.inverse_diagonal`` (the blocked inverse Cholesky factor HeW's paths use) against
+  torch's ``cholesky_inverse(cholesky(K)).diagonal()``, batch 8 at n = 512 (the C x C size of Woodbury) and one
+  matrix at n = 3072.
 - HeR, 70 queries, k = 800, D = 512, 5000 database vectors: deepagg's ``heat_rerank`` (both variants) against
   the authors' per-query loop (Gram of the centred set, dense inverse of the (k+1)-node grounded Laplacian).
 - On CUDA (when present): HeW images/s at n = 768.
@@ -20,6 +24,7 @@ import torch
 
 from benchmarks.common import compare, median_iqr_ms
 from deepagg.functional import l2n
+from deepagg.functional._spd import inverse_diagonal
 from deepagg.functional.heat import heat_rerank, hew_weights
 
 
@@ -96,6 +101,27 @@ def _maps(b: int, c: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _inverse_diagonal_row(b: int, n: int, quick: bool, g: torch.Generator) -> dict:
+    """``diag(K^-1)``: deepagg's blocked inverse Cholesky factor against torch's Cholesky + ``cholesky_inverse``."""
+    u = torch.nn.functional.normalize(_maps(b, 512, 1, n, g).flatten(2).mT, dim=-1)  # (b, n, 512) unit rows
+    a = u @ u.mT
+    a.diagonal(dim1=-2, dim2=-1).zero_()
+    k = torch.diag_embed(a.sum(-1) + 1.0) - a  # grounded Laplacian, lam = 1
+    exact = torch.linalg.inv(k.double()).diagonal(dim1=-2, dim2=-1)
+    diff = float(((inverse_diagonal(k).double() - exact).abs() / exact).max())
+    return compare(
+        "heat",
+        "inverse diagonal (blocked inverse Cholesky factor)",
+        f"B={b} n={n}",
+        lambda: inverse_diagonal(k),
+        lambda: torch.cholesky_inverse(torch.linalg.cholesky(k)).diagonal(dim1=-2, dim2=-1),
+        diff,
+        reference="torch cholesky_inverse(cholesky(K)).diagonal()",
+        quick=quick,
+        tol=1e-4,
+    )
+
+
 def run(quick: bool = False) -> list[dict]:
     """Time HeW (both variants, both sizes) and HeR against the authors' dense inverses; one row per case."""
     g = torch.Generator().manual_seed(0)
@@ -147,6 +173,8 @@ def run(quick: bool = False) -> list[dict]:
                 tol=1e-2,
             )
         )
+    for nb, n in [(2, 24), (1, 48)] if quick else [(8, 512), (1, 3072)]:
+        rows.append(_inverse_diagonal_row(nb, n, quick, g))
     nq, n_db, d, k = (5, 200, 32, 100) if quick else (70, 5000, 512, 800)
     q = l2n(torch.randn(nq, d, generator=g) + 0.3)
     db = l2n(torch.randn(n_db, d, generator=g) + 0.3)

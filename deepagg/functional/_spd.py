@@ -11,14 +11,14 @@ computes M by recursion on 2 x 2 blocks,
 
 so everything but the small diagonal blocks is a matrix product (GEMM). Why not torch's own calls: on CPU
 ``torch.linalg.cholesky`` copies its input into a column-major triangle element by element before LAPACK runs
-(measured 98 ms of copying beside 39 ms of factorisation for one 3072 x 3072 float32 matrix on 2 cores), and
-``torch.cholesky_inverse`` runs below GEMM speed; at n = 3072 this recursion measured 171 ms against 284 ms for
-``cholesky_inverse(cholesky(K))``, and at n = 512 2.1 against 2.7 ms (``/tmp``-style timings, 2 Sapphire Rapids
-cores; ``benchmarks/bench_heat.py`` times the HeW paths that use it). Never batched LU (``environment.md``).
+(an ad-hoc ``torch.profiler`` reading for one 3072 x 3072 float32 matrix on 2 cores: 98 ms of copying beside
+39 ms of factorisation), and ``torch.cholesky_inverse`` runs below GEMM speed. ``benchmarks/bench_heat.py``
+times :func:`inverse_diagonal` against ``cholesky_inverse(cholesky(K)).diagonal()`` at n = 512 and 3072 (its
+"inverse diagonal" rows). Never batched LU (``environment.md``).
 
-Only the lower triangle of K is read (the diagonal blocks of the recursion are symmetrised from their lower
-triangle), so a caller may pass a matrix whose strictly upper blocks were never computed; the gradient is then
-that of a function of the lower triangle, and it is exact.
+Only the lower triangle of K is read (LAPACK reads the lower triangle of the leaves; with autograd they are
+symmetrised from it, so the gradient is that of a function of the lower triangle), so a caller may pass a matrix
+whose strictly upper blocks were never computed, and the gradient is exact.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 __all__ = ["BASE", "block_edges", "inverse_cholesky_factor", "inverse_diagonal", "lower_gram"]
 
 #: Largest matrix factorised directly by LAPACK in :func:`inverse_cholesky_factor` (the recursion's leaves).
-#: 256 and 512 measured alike at n = 512-3072; 128 was 10% slower.
+#: Ad-hoc timings at n = 512 and 3072 (2 cores): leaves of 256-512 alike within 10 %, 128 about 10 % slower.
 BASE = 384
 
 

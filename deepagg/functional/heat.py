@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
@@ -185,9 +186,9 @@ def _hewr_weights(
 
 
 def _below(value: float, dtype: torch.dtype) -> float:
-    """The largest ``dtype`` number below ``value`` (as that dtype rounds it)."""
-    v = torch.tensor(value, dtype=dtype)
-    return float(torch.nextafter(v, torch.tensor(-float("inf"), dtype=dtype)))
+    """The largest ``dtype`` number below ``value`` (as that dtype rounds it); plain NumPy, no tensor op."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32  # the compute dtype is float32 or float64
+    return float(np.nextafter(np_dtype(value), np_dtype(-np.inf)))
 
 
 def _hew_checks(
