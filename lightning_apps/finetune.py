@@ -64,22 +64,28 @@ from deepagg._io import atomic_write
 from deepagg.data.dataset import RetrievalDataset
 from deepagg.data.revisitop import ImageReadError
 from lightning_apps.eval import (
+    CheckpointParts,
     ConfigError,
     _instantiate,
     _is_int,
     _is_number,
     _plain,
+    apply_checkpoint_pool,
     build_session,
     check_config,
     dataset_config,
     dataset_key_overrides,
     describe_with,
     exit_on_user_error,
+    load_checkpoint,
     load_dataset,
+    needs_center,
+    needs_fit,
     output_dir,
     positive_pairs,
     rank,
     rerank_with,
+    resolve_precision,
     score,
     with_default_dataset,
 )
@@ -592,8 +598,6 @@ def fit_on_training_maps(
     one at a time, with the codebook seeded by ``seed``; fine-tuning then trains the backbone through the fitted
     pool. (The eval app fits such a pool again on its training set's maps of the fine-tuned backbone.)
     """
-    from lightning_apps.eval import needs_center
-
     was = backbone.training
     backbone.eval()
 
@@ -620,7 +624,6 @@ def build_model(
 ) -> tuple[Finetuner, TupleData]:
     """Backbone (+ ``ckpt_path``), pool, whitening layer (Lw on the training part), loss, miner, module and data."""
     from deepagg import Whiten
-    from lightning_apps.eval import CheckpointParts, apply_checkpoint_pool, load_checkpoint
 
     backbone = _instantiate(cfg.backbone, "backbone")
     parts = CheckpointParts()
@@ -632,8 +635,6 @@ def build_model(
     pool = _instantiate(pool_node, "pool")
     apply_checkpoint_pool([pool], [pool_node], parts)
     channels = int(getattr(backbone, "out_channels", 0)) or int(backbone(torch.zeros(1, 3, 64, 64)).shape[1])
-    from lightning_apps.eval import needs_center, needs_fit
-
     if getattr(pool, "mask", None) == "sift":
         raise ConfigError(
             f"finetune: pool={pool_name} with mask=sift selects features by SIFT keypoints of the pixels, which "
@@ -895,7 +896,6 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any] | None:
     cfg = with_default_dataset(cfg)
     check_config(cfg)
     from lightning_apps.compare import group_node
-    from lightning_apps.eval import resolve_precision
     from lightning_apps.preflight import preflight
 
     pre = cfg.copy()  # preflight also checks what building train_dataset needs (it is the "whitening" set here)
