@@ -107,7 +107,8 @@ def _inverse_diagonal_row(b: int, n: int, quick: bool, g: torch.Generator) -> di
     a = u @ u.mT
     a.diagonal(dim1=-2, dim2=-1).zero_()
     k = torch.diag_embed(a.sum(-1) + 1.0) - a  # grounded Laplacian, lam = 1
-    exact = torch.linalg.inv(k.double()).diagonal(dim1=-2, dim2=-1)
+    # float64 via torch's own Cholesky (never a batched LU: environment.md's MKL bug hangs or fails it here)
+    exact = torch.cholesky_inverse(torch.linalg.cholesky(k.double())).diagonal(dim1=-2, dim2=-1)
     diff = float(((inverse_diagonal(k).double() - exact).abs() / exact).max())
     return compare(
         "heat",
