@@ -59,11 +59,19 @@ def _relu_maps(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -
     return torch.relu(torch.randn(*shape, generator=g, dtype=torch.float64) + 0.4).to(dtype)
 
 
-def _padded(sizes: list[tuple[int, int]], c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """A padded batch (garbage inf/nan in the padding), its mask and the images alone."""
+def _padded(
+    sizes: list[tuple[int, int]], c: int, seed: int, garbage: str = "inf/nan"
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A padded batch, its mask and the images alone. Padding garbage: inf/nan, or finite values (large ones,
+    which would win the top-alpha ranking and dominate Omega, and negative ones) that the CPU fast path reads
+    and must weigh 0 instead of falling back to the zeroing path."""
     hh, ww = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    x = torch.full((len(sizes), c, hh, ww), float("nan"), dtype=torch.float64)
-    x[:, :, -1, -1] = float("inf")
+    if garbage == "finite":
+        x = torch.full((len(sizes), c, hh, ww), 1e3, dtype=torch.float64)
+        x[:, :, -1, -1] = -5.0
+    else:
+        x = torch.full((len(sizes), c, hh, ww), float("nan"), dtype=torch.float64)
+        x[:, :, -1, -1] = float("inf")
     mask = torch.zeros(len(sizes), hh, ww, dtype=torch.bool)
     singles = []
     for i, (h, w) in enumerate(sizes):
@@ -208,11 +216,12 @@ class TestAGaussianEChannel(BaseTester):
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), deepagg.AGaussianEChannelPool())
         assert net(torch.rand(2, 3, 12, 10)).shape == (2, 8)
 
+    @pytest.mark.parametrize("garbage", ["inf/nan", "finite"])
     @pytest.mark.parametrize(("spatial", "channel"), OPTIONS)
     @pytest.mark.parametrize("alpha", [0.1, 1.0])
-    def test_padded_batch_equals_single_images(self, spatial: str, channel: str, alpha: float) -> None:
+    def test_padded_batch_equals_single_images(self, spatial: str, channel: str, alpha: float, garbage: str) -> None:
         sizes = [(6, 9), (4, 9), (6, 5), (3, 3), (5, 7), (5, 5)]  # 0.1 * 25 = 2.5: round half-up
-        x, mask, singles = _padded(sizes, 5, seed=20)
+        x, mask, singles = _padded(sizes, 5, seed=20, garbage=garbage)
         out = F.agaussian_echannel(x, alpha=alpha, mask=mask, spatial=spatial, channel=channel)
         alone = torch.cat([F.agaussian_echannel(s, alpha=alpha, spatial=spatial, channel=channel) for s in singles])
         assert torch.isfinite(out).all()
@@ -234,6 +243,22 @@ class TestAGaussianEChannel(BaseTester):
                 F.agaussian_center(x, alpha=alpha, mask=mask),
                 torch.tensor([ref_center(s[0], alpha) for s in singles], dtype=torch.float64),
             )
+
+    @pytest.mark.parametrize("garbage", [1e3, float("inf"), float("nan")])
+    @pytest.mark.parametrize(("spatial", "channel"), OPTIONS)
+    def test_holes_fast_path_equals_zeroing_path(self, spatial: str, channel: str, garbage: float) -> None:
+        # Masks with holes (not a padded rectangle): the CPU fast path without autograd reads the masked
+        # positions (weight 0; inf/nan there falls back to zeroing) and must equal the autograd path, which
+        # zeroes them first.
+        g = torch.Generator().manual_seed(41)
+        x = _relu_maps(4, 6, 7, 8, seed=40)
+        mask = torch.rand(4, 7, 8, generator=g) > 0.4
+        mask[:, 0, 0] = True
+        x = torch.where(mask[:, None], x, garbage)
+        out = F.agaussian_echannel(x, mask=mask, spatial=spatial, channel=channel)
+        ref = F.agaussian_echannel(x.clone().requires_grad_(), mask=mask, spatial=spatial, channel=channel)
+        assert torch.isfinite(out).all()
+        self.assert_close(out, ref.detach())
 
     def test_full_mask_equals_no_mask(self) -> None:
         x = _relu_maps(2, 5, 6, 7, seed=9)
