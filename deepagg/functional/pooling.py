@@ -129,6 +129,15 @@ def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     dtype = _compute_dtype(x)
     if mask is None and x.dtype == dtype:
         return x.mean(dim=(-2, -1))  # one reduction, no temporary: nothing to block
+    if mask is not None and x.dtype == dtype and fast_path(x) and x.shape[0] > 0:
+        # Eager CPU: per image one matrix-vector product of the whole padded map with its 0/1 mask, which reads
+        # the map once at full speed (cropped reductions run at about half of it). Inf or NaN garbage in the
+        # padding gives NaN (0 * inf): then the cropping path below.
+        b, c = x.shape[:2]
+        weights = mask.reshape(b, -1).to(dtype)
+        total = torch.stack([torch.mv(xi, wi) for xi, wi in zip(x.reshape(b, c, -1), weights, strict=True)])
+        if not bool(torch.isnan(total).any()):
+            return (total / valid_counts(mask, dtype)[:, None]).to(x.dtype)
     # Padded maps: each image's valid rectangle summed alone (crop=True) measured faster than zeroing the padding
     # into a buffer and summing it; a buffer is needed only to upcast half maps.
     workspace = dtype if x.dtype != dtype else None
