@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from deepagg.functional import _blocking
-from deepagg.functional._blocking import batch_blocks, blocked, fast_path, fill_padding, rectangles, valid_counts
+from deepagg.functional._blocking import (
+    batch_blocks,
+    blocked,
+    fast_path,
+    fill_padding,
+    rectangles,
+    valid_counts,
+    weighted_sums,
+)
 
 from ._base import BaseTester
 
@@ -191,3 +199,21 @@ class TestMasks:
         torch.testing.assert_close(valid_counts(mask, torch.float64), expected)
         torch.testing.assert_close(valid_counts(mask.to("meta"), torch.float64).shape, expected.shape)
         assert valid_counts(torch.zeros(0, 5, 6, dtype=torch.bool), torch.float32).shape == (0,)
+
+
+class TestWeightedSums(BaseTester):
+    @pytest.mark.parametrize("fast", [True, False])
+    @pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 9), (0, 5, 4, 6)])
+    def test_reference(self, fast: bool, shape: tuple[int, ...]) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        w = torch.rand(shape[0], *shape[2:], generator=g, dtype=torch.float64)
+        ref = torch.einsum("bcp,bp->bc", x.flatten(2), w.flatten(1))
+        out = weighted_sums(x, w, fast=fast)
+        assert out.shape == shape[:2]
+        self.assert_close(out, ref)
+
+    def test_gradient_of_the_batched_form(self) -> None:
+        x = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(2, 4, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: weighted_sums(a, b, fast=False), (x, w))

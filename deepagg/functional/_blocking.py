@@ -40,6 +40,7 @@ __all__ = [
     "fill_padding",
     "rectangles",
     "valid_counts",
+    "weighted_sums",
 ]
 
 #: Target size in bytes of one block of feature map (compute dtype): a few images' worth, well inside L3 and
@@ -125,6 +126,21 @@ def valid_counts(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if fast_path(mask):
         return torch.from_numpy(mask.numpy().reshape(mask.shape[0], math.prod(mask.shape[1:])).sum(axis=1)).to(dtype)
     return mask.sum(dim=(-2, -1)).to(dtype)
+
+
+def weighted_sums(x: torch.Tensor, w: torch.Tensor, *, fast: bool) -> torch.Tensor:
+    r""":math:`\sum_p w_{b,p} x_{b,:,p}` of maps ``x`` (B, C, ...) and per-position weights ``w`` (B, ...): (B, C).
+
+    With ``fast`` (eager CPU without autograd, :func:`fast_path`) one matrix-vector product per image, which
+    reads each map once and makes no map-sized temporary (an ad-hoc timing at 32 x 512 x 24 x 32 on 2 cores:
+    1.0 ms, against 1.9 ms for one ``bmm`` and 15 ms for the product-sum of the whole batch); otherwise one
+    batched product-sum (GPU, ``torch.compile``, autograd). A 0 weight times inf or NaN is NaN either way.
+    """
+    b, c = x.shape[:2]
+    if fast and b > 0:
+        pairs = zip(x.reshape(b, c, -1), w.reshape(b, -1), strict=True)
+        return torch.stack([torch.mv(xi, wi) for xi, wi in pairs])
+    return (x * w[:, None]).sum(dim=tuple(range(2, x.ndim)))
 
 
 def _has_nan(out: torch.Tensor | tuple[torch.Tensor, ...]) -> bool:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from deepagg._checks import check_dtype, check_floating, check_int, check_same_device, check_shape
-from deepagg.functional._blocking import blocked, fill_padding
+from deepagg.functional._blocking import blocked, fill_padding, weighted_sums
 from deepagg.functional._spd import block_edges, inverse_cholesky_factor, inverse_diagonal, lower_gram
 from deepagg.functional.pooling import _check_maps
 from deepagg.functional.qe import _compute_dtype
@@ -303,10 +303,7 @@ def _hew_block(
     xf = x.to(dtype)
     if mask is not None:
         xf = fill_padding(xf, mask, 0.0, fast=fast)
-    weights = weights.to(dtype)
-    if fast and x.shape[0] > 0:  # CPU: one matrix-vector product per image, no map-sized temporary
-        return torch.stack([torch.mv(xi.flatten(1), wi.flatten()) for xi, wi in zip(xf, weights, strict=True)])
-    return (xf * weights[:, None]).sum((-2, -1))
+    return weighted_sums(xf, weights.to(dtype), fast=fast)
 
 
 def hew_weights(

@@ -37,7 +37,7 @@ from deepagg._checks import (
     check_same_device,
     check_shape,
 )
-from deepagg.functional._blocking import blocked, fast_path, fill_padding, valid_counts
+from deepagg.functional._blocking import blocked, fast_path, fill_padding, valid_counts, weighted_sums
 
 __all__ = ["crow", "gem", "mac", "rmac", "rmac_grid", "rmac_regions", "spoc"]
 
@@ -129,13 +129,11 @@ def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     dtype = _compute_dtype(x)
     if mask is None and x.dtype == dtype:
         return x.mean(dim=(-2, -1))  # one reduction, no temporary: nothing to block
-    if mask is not None and x.dtype == dtype and fast_path(x) and x.shape[0] > 0:
-        # Eager CPU: per image one matrix-vector product of the whole padded map with its 0/1 mask, which reads
-        # the map once at full speed (cropped reductions run at about half of it). Inf or NaN garbage in the
-        # padding gives NaN (0 * inf): then the cropping path below.
-        b, c = x.shape[:2]
-        weights = mask.reshape(b, -1).to(dtype)
-        total = torch.stack([torch.mv(xi, wi) for xi, wi in zip(x.reshape(b, c, -1), weights, strict=True)])
+    if mask is not None and x.dtype == dtype and fast_path(x):
+        # Eager CPU: the whole padded maps weighted by their 0/1 masks (one matrix-vector product per image,
+        # which reads each map once at full speed; cropped reductions run at about half of it). Inf or NaN
+        # garbage in the padding gives NaN (0 * inf): then the cropping path below.
+        total = weighted_sums(x, mask.to(dtype), fast=True)
         if not bool(torch.isnan(total).any()):
             return (total / valid_counts(mask, dtype)[:, None]).to(x.dtype)
     # Padded maps: each image's valid rectangle summed alone (crop=True) measured faster than zeroing the padding
@@ -615,14 +613,13 @@ def _crow_block(
     base = (s / z.clamp(min=eps)).clamp(min=eps)
     positive = s > 0 if mask is None else (s > 0) & mask
     spatial = torch.where(positive, base.pow(1.0 / b), torch.zeros_like(s))
-    if buf is None or x.shape[0] == 0:  # the batched form (GPU, compile, autograd): the padding is already 0
+    fast = buf is not None and x.shape[0] > 0
+    pooled = weighted_sums(xf, spatial, fast=fast)  # the padding is already 0
+    if not fast:  # the batched form (GPU, compile, autograd)
         nonzero = (xf != 0).to(dtype).sum(dim=(-2, -1))  # (B, C)
-        pooled = (xf * spatial[:, None]).sum(dim=(-2, -1))
     else:
-        # CPU blocks: the weighted sum as one matrix-vector product per image (no temporary), and the non-zero
-        # count as |sign(xf)| summed in buf (the same exact count; `!=` and every other bool kernel measured
-        # several times slower on CPU: they are not vectorised).
-        pooled = torch.stack([torch.mv(xi.flatten(1), si.flatten()) for xi, si in zip(xf, spatial, strict=True)])
+        # CPU blocks: the non-zero count as |sign(xf)| summed in buf (the same exact count; `!=` and every other
+        # bool kernel measured several times slower on CPU: they are not vectorised).
         signs = xf.sign_() if xf is buf else torch.sign(xf, out=buf)
         nonzero = signs.abs_().sum(dim=(-2, -1))
     n_valid = x.shape[-2] * x.shape[-1] if mask is None else valid_counts(mask, dtype)[:, None]
