@@ -697,14 +697,19 @@ class TestBlockedCPU(BaseTester):
         assert torch.isfinite(padded).all()
         self.assert_close(padded, single)
 
-    def test_irregular_mask_equals_batched_form(self, spec: PoolSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    @pytest.mark.parametrize("garbage", ["finite", "inf/nan"])
+    def test_irregular_mask_equals_batched_form(
+        self, spec: PoolSpec, garbage: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Finite garbage (large, and negative) stays in the CPU forms that weigh the padding 0 instead of
+        # zeroing it; inf/nan garbage sends them back to zeroing.
         if spec.name == "rmac":
             pytest.skip("R-MAC takes top-left rectangles only")
         x = _relu_maps(5, 6, 7, 9, seed=80)
         mask = torch.rand(5, 7, 9, generator=torch.Generator().manual_seed(81)) > 0.3
         mask[:, 0, 0] = True
-        x[~mask[:, None].expand_as(x)] = float("nan")
-        x[0, :, ~mask[0]] = float("inf")
+        x[~mask[:, None].expand_as(x)] = 50.0 if garbage == "finite" else float("nan")
+        x[0, :, ~mask[0]] = -3.0 if garbage == "finite" else float("inf")
         _two_per_block(monkeypatch, x)
         fast = spec.fn(x, mask=mask)
         exact = spec.fn(x.clone().requires_grad_(), mask=mask).detach()  # autograd: torch.where, no CPU forms

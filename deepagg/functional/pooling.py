@@ -604,24 +604,29 @@ def _crow_block(
 ) -> torch.Tensor:
     """CroW vectors of a block, in ``dtype``; its one map-sized temporary is ``buf``.
 
-    Three passes over the map (channel sum, weighted sum, non-zero count), plus one that zeroes the padding when
-    there is a mask.
+    Three passes over the map (channel sum, weighted sum, non-zero count). With a mask, the CPU form (``buf``
+    given, maps already in ``dtype``) reads the padding and weighs it 0 in both sums; inf or NaN garbage there
+    gives NaN (0 * inf), and :func:`blocked` redoes the block exactly. Otherwise one more pass zeroes it first.
     """
-    xf = _zero_padding(x, mask, dtype=dtype, fast=fast, buf=buf)  # in buf when padded or upcast
+    # The CPU form's 0/1 weights of the valid positions when it leaves the padding unzeroed, else None.
+    valid = mask.to(dtype) if mask is not None and buf is not None and x.dtype == dtype and x.shape[0] > 0 else None
+    xf = x if valid is not None else _zero_padding(x, mask, dtype=dtype, fast=fast, buf=buf)  # buf: padded/upcast
     s = xf.sum(dim=1)  # (B, H, W)
+    if valid is not None:
+        s = s * valid  # padding garbage out of the norm and the spatial weights (inf there: NaN, redone)
     z = s.abs().pow(a).sum(dim=(-2, -1), keepdim=True).pow(1.0 / a)
     base = (s / z.clamp(min=eps)).clamp(min=eps)
     positive = s > 0 if mask is None else (s > 0) & mask
     spatial = torch.where(positive, base.pow(1.0 / b), torch.zeros_like(s))
     fast = buf is not None and x.shape[0] > 0
-    pooled = weighted_sums(xf, spatial, fast=fast)  # the padding is already 0
+    pooled = weighted_sums(xf, spatial, fast=fast)  # the padding has weight 0
     if not fast:  # the batched form (GPU, compile, autograd)
         nonzero = (xf != 0).to(dtype).sum(dim=(-2, -1))  # (B, C)
     else:
         # CPU blocks: the non-zero count as |sign(xf)| summed in buf (the same exact count; `!=` and every other
-        # bool kernel measured several times slower on CPU: they are not vectorised).
-        signs = xf.sign_() if xf is buf else torch.sign(xf, out=buf)
-        nonzero = signs.abs_().sum(dim=(-2, -1))
+        # bool kernel measured several times slower on CPU: they are not vectorised), over the valid positions.
+        signs = (xf.sign_() if xf is buf else torch.sign(xf, out=buf)).abs_()
+        nonzero = signs.sum(dim=(-2, -1)) if valid is None else weighted_sums(signs, valid, fast=True)
     n_valid = x.shape[-2] * x.shape[-1] if mask is None else valid_counts(mask, dtype)[:, None]
     q = nonzero / n_valid
     ratio = q.sum(dim=1, keepdim=True) / q.clamp(min=eps)
