@@ -237,18 +237,36 @@ def _weights_block(
     buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The HeW weights :math:`(B, H, W)` of checked arguments, in the dtype of ``x``."""
-    b, _, h, w = x.shape
-    dtype = _compute_dtype(x) if center is None else _compute_dtype(x, center)
-    xf = x.to(dtype)
-    if mask is not None:  # garbage (inf, nan) in padding must not leak: zero it before any product
-        xf = fill_padding(xf, mask, 0.0, fast=fast)
+    xf = _zeroed_maps(x, mask, center, fast)
+    weights = _weights_of(xf, mask, lam=lam, variant=variant, center=center, threshold=threshold, method=method)
+    return weights.to(x.dtype)
+
+
+def _zeroed_maps(x: torch.Tensor, mask: torch.Tensor | None, center: torch.Tensor | None, fast: bool) -> torch.Tensor:
+    """``x`` in the compute dtype with its padding zeroed: garbage (inf, nan) there must not reach a product."""
+    xf = x.to(_compute_dtype(x) if center is None else _compute_dtype(x, center))
+    return xf if mask is None else fill_padding(xf, mask, 0.0, fast=fast)
+
+
+def _weights_of(
+    xf: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    lam: float,
+    variant: str,
+    center: torch.Tensor | None,
+    threshold: float,
+    method: str,
+) -> torch.Tensor:
+    """The HeW weights :math:`(B, H, W)` of zeroed maps ``xf`` (:func:`_zeroed_maps`), in their dtype."""
+    b, _, h, w = xf.shape
     f = xf.flatten(2)  # (B, C, n): reductions over C stay in the maps' contiguous layout
-    valid = torch.ones(b, h * w, dtype=torch.bool, device=x.device) if mask is None else mask.flatten(1)
+    valid = torch.ones(b, h * w, dtype=torch.bool, device=xf.device) if mask is None else mask.flatten(1)
     if variant == "paper":
         weights = _paper_weights(f, valid, lam, method)
     else:
         weights = _hewr_weights(f, valid, lam, center, threshold)
-    return weights.reshape(b, h, w).to(x.dtype)
+    return weights.reshape(b, h, w)
 
 
 def _hew_weights(
@@ -298,12 +316,8 @@ def _hew_block(
     **kwargs: object,
 ) -> torch.Tensor:
     """HeW's weighted sums :math:`(B, C)` in the compute dtype, before the clamp and the power."""
-    weights = _weights_block(x, mask, fast=fast, **kwargs)  # type: ignore[arg-type]
-    dtype = _compute_dtype(x)
-    xf = x.to(dtype)
-    if mask is not None:
-        xf = fill_padding(xf, mask, 0.0, fast=fast)
-    return weighted_sums(xf, weights.to(dtype), fast=fast)
+    xf = _zeroed_maps(x, mask, kwargs["center"], fast)  # type: ignore[arg-type]
+    return weighted_sums(xf, _weights_of(xf, mask, **kwargs), fast=fast)  # type: ignore[arg-type]
 
 
 def hew_weights(
