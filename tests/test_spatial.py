@@ -33,6 +33,7 @@ from deepagg._checks import ShapeError
 from deepagg.functional.spatial import (
     LocalFeatures,
     SpatialMatch,
+    _fit_moments,
     activation_features,
     mser_regions,
     spatial_match,
@@ -848,6 +849,42 @@ class TestSpatialMatchReference(BaseTester):
                 assert res.inlier_mask[0, : len(corrs)].tolist() == mask
         assert max(found) >= 5, found  # a real transform among the outliers, not chance pairs only
 
+    def test_lo_later_rounds_batched(self) -> None:
+        # Every (query scale, database scale) of three pairs as its own pair, all in one call: LO gains on several
+        # units in its first round and on fewer in later ones (only those are refitted then). Each unit's count,
+        # transform, correspondences and inlier mask must be the loop reference's, for 1, 2 and 3 rounds.
+        qs, dbs, units = [], [], []
+        for seed in (0, 5, 63):
+            q, db = random_pair(seed, 2, n=60)
+            for sq in range(2):
+                for sd in range(2):
+                    qs.append(LocalFeatures(**dict(q.as_dict(), mask=q.mask & (q.scales == sq))))
+                    dbs.append(LocalFeatures(**dict(db.as_dict(), mask=db.mask & (db.scales == sd))))
+                    units.append((q, db, sq, sd))
+        q_all, db_all = LocalFeatures.cat(qs), LocalFeatures.cat(dbs)
+        counts = {0: spatial_match(q_all, db_all, lo_iters=0).inliers}
+        for lo_iters in (1, 2, 3):
+            res = spatial_match(q_all, db_all, lo_iters=lo_iters, return_matches=True)
+            assert res.matches is not None
+            assert res.inlier_mask is not None
+            for k, (q, db, sq, sd) in enumerate(units):
+                n, h, corrs, mask = ref_unit(
+                    unpack(q, 0), unpack(db, 0), sq, sd, error=2.0, max_scale_change=3.0, lo_iters=lo_iters
+                )
+                assert int(res.inliers[k]) == n, (k, lo_iters)
+                if n == 0:
+                    continue
+                assert h is not None
+                assert res.scale_pairs[k].tolist() == [sq, sd]
+                torch.testing.assert_close(res.transforms[k], as_matrix(h), rtol=1e-9, atol=1e-9)
+                assert res.matches[k, : len(corrs)].tolist() == [list(c) for c in corrs]
+                assert res.inlier_mask[k, : len(corrs)].tolist() == mask
+            counts[lo_iters] = res.inliers
+        # The data exercise the later rounds: fewer units gain in each round, and some still in the third.
+        gains = [int((counts[k + 1] > counts[k]).sum()) for k in range(3)]
+        assert gains[0] > gains[1] > 0
+        assert gains[2] > 0
+
     def test_lo_gains(self) -> None:
         # LO gains inliers on some of these pairs (the reference agrees), never loses any.
         gains = []
@@ -882,6 +919,34 @@ class TestSpatialMatchReference(BaseTester):
         assert res.inlier_mask is not None
         assert int(res.inlier_mask.sum()) == int(res.inliers[0])
         assert int(res.inliers[0]) == expected
+
+    @pytest.mark.parametrize("points", ["general", "horizontal", "vertical", "slanted", "two"])
+    def test_fit_moments(self, points: str) -> None:
+        # The LO fit from the 11 sums about a unit's centroid (any origin) against least squares; inlier sets on a
+        # line (rank of [x, y, 1] below 3) or of fewer than 3 points have no fit (not all finite: refused).
+        g = torch.Generator().manual_seed(7)
+        n = 2 if points == "two" else 7
+        x = 20 * torch.rand(n, generator=g, dtype=F64) + 3
+        y = 15 * torch.rand(n, generator=g, dtype=F64) + 2
+        if points == "horizontal":
+            y = torch.full_like(x, 5.17)  # one-pass rounding leaves syy = 1.4e-14 here, not 0
+        elif points == "vertical":
+            x = torch.full_like(y, 4.7)
+        elif points == "slanted":
+            y = 0.37 * x + 1.1
+        u = 1.1 * x + 2.3 + 0.3 * torch.randn(n, generator=g, dtype=F64)
+        v = 0.2 * x + 0.9 * y - 1.0 + 0.3 * torch.randn(n, generator=g, dtype=F64)
+        centroid = torch.tensor([[9.1, 8.9, 12.3, 6.7]], dtype=F64)
+        cx, cy, cu, cv = (t - c for t, c in zip((x, y, u, v), centroid[0], strict=True))
+        mono = [torch.ones_like(cx), cx, cy, cu, cv, cx * cx, cx * cy, cy * cy, cx * cu, cx * cv, cy * cv]
+        got = _fit_moments(torch.stack([m.sum() for m in mono])[None], centroid)[0]
+        ref = ref_fit(list(zip(x.tolist(), y.tolist(), strict=True)), list(zip(u.tolist(), v.tolist(), strict=True)))
+        if points == "general":
+            assert ref is not None
+            torch.testing.assert_close(got, torch.from_numpy(ref), rtol=1e-9, atol=1e-9)
+        else:
+            assert ref is None
+            assert not bool(got.isfinite().all()), got
 
     def test_lo_refuses_degenerate_fit_float32(self) -> None:
         # Query A (channel 0), B (channel 1), C (channel 2); database A' = A + t, four features near B + t, one C'.
@@ -1009,6 +1074,36 @@ class TestSpatialMatchBatch(BaseTester):
                     assert bool(res.transforms[p].isnan().all())
                     assert res.scale_pairs[p].tolist() == [-1, -1]
             assert int(res.inliers[pairs[:, 1] == 0].min()) > 0  # a true match for the warped images
+
+    def test_sparse_channel_ids_and_wide_padding(self) -> None:
+        # Channel ids far apart (visual words of a large vocabulary) are joined by binary search instead of a dense
+        # (image, channel) table, and padding so wide that the sort keys leave int32 sorts them in int64: the same
+        # matches either way.
+        q, db = batch_features(5, 2)
+        pairs = torch.tensor([[qi, di] for qi in range(3) for di in range(7)], dtype=torch.int64)
+        ref = spatial_match(q, db, pairs, return_matches=True)
+
+        def words(f: LocalFeatures) -> LocalFeatures:
+            return LocalFeatures(**dict(f.as_dict(), channels=torch.where(f.mask, f.channels * 1_000_003 + 7, -1)))
+
+        def wide(f: LocalFeatures, n: int) -> LocalFeatures:  # padded to n slots
+            pad = {"channels": -1, "scales": -1, "mask": False}
+            return LocalFeatures(
+                **{
+                    k: v
+                    if k == "map_sizes"
+                    else torch.cat([v, v.new_full((len(f), n - v.shape[1], *v.shape[2:]), pad.get(k, 0))], 1)
+                    for k, v in f.as_dict().items()
+                }
+            )
+
+        for qq, dd in ((words(q), words(db)), (wide(q, 40_000), wide(db, 40_000))):
+            got = spatial_match(qq, dd, pairs, return_matches=True)
+            assert_same_match(got, ref)
+            assert got.matches is not None
+            assert got.inlier_mask is not None
+            assert torch.equal(got.matches, ref.matches)
+            assert torch.equal(got.inlier_mask, ref.inlier_mask)
 
     def test_default_pairs(self) -> None:
         q, db = batch_features(6, 1)

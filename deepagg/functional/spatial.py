@@ -32,9 +32,11 @@ import numpy as np
 import torch
 
 from deepagg._checks import ShapeError, check_int, check_positive
+from deepagg.functional.diffusion import _silence_csr_beta_ctx
 
 __all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions", "spatial_match"]
 
+_DENSE_KEYS = 1 << 22  # _correspondences: (query image, channel) tables up to this size are dense
 _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 
@@ -551,22 +553,30 @@ def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -
     p_idx, j_idx = db.mask[pairs[:, 1]].nonzero(as_tuple=True)
     dbi = pairs[p_idx, 1]
     key = pairs[p_idx, 0] * n_ch + db.channels[dbi, j_idx]
-    lo = torch.searchsorted(qkey_sorted, key, right=False)
-    hi = torch.searchsorted(qkey_sorted, key, right=True)
-    cnt = hi - lo
+    if len(q) * n_ch <= _DENSE_KEYS:  # channel ids of activation maps: a dense (image, channel) table, 2 gathers
+        n_keys = len(q) * n_ch
+        qcount = torch.bincount(qkey_sorted + 1, minlength=n_keys + 1)[1:]  # the padding (-1) counts apart
+        qstart = torch.cumsum(qcount, 0) - qcount + (qkey_sorted < 0).sum()
+        lo, cnt = qstart.index_select(0, key), qcount.index_select(0, key)
+    else:  # sparse ids (e.g. visual words of a large vocabulary): binary search in the sorted keys
+        lo = torch.searchsorted(qkey_sorted, key, right=False)
+        cnt = torch.searchsorted(qkey_sorted, key, right=True) - lo
+    # Expand: database feature k of the list meets its cnt[k] query features qorder[lo[k]], qorder[lo[k] + 1], ...
     rep = torch.repeat_interleave(torch.arange(len(key), device=dev), cnt)
-    offs = torch.arange(len(rep), device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-    flat_q = qorder[lo[rep] + offs]  # index into q's flattened (B*N)
+    run = lo - (torch.cumsum(cnt, 0) - cnt)  # lo minus the run's first position in the expanded list
+    flat_q = qorder.index_select(0, run.index_select(0, rep) + torch.arange(len(rep), device=dev))  # into q's (B*N)
     i_idx = flat_q % max(nqf, 1)
-    p = p_idx[rep]
-    j = j_idx[rep]
-    qi = pairs[p, 0]
-    di = pairs[p, 1]
-    unit = (p * s + q.scales[qi, i_idx]) * s + db.scales[di, j]
+    p = p_idx.index_select(0, rep)
+    j = j_idx.index_select(0, rep)
+    d_scale = db.scales.flatten().index_select(0, dbi * db.scales.shape[1] + j_idx).index_select(0, rep)
+    unit = (p * s + q.scales.flatten().index_select(0, flat_q)) * s + d_scale
     # sort by unit, then query feature, then database feature (deterministic, independent of batching)
     nd = max(db.centers.shape[1], 1)
-    order = torch.argsort((unit * max(nqf, 1) + i_idx) * nd + j, stable=True)
-    return unit[order], p[order], i_idx[order], j[order]
+    sort_key = (unit * max(nqf, 1) + i_idx) * nd + j
+    if len(pairs) * s * s * max(nqf, 1) * nd < 2**31:  # int32 keys sort about twice as fast
+        sort_key = sort_key.int()
+    order = torch.argsort(sort_key)  # the keys are distinct: no tie to break
+    return unit.index_select(0, order), p.index_select(0, order), i_idx.index_select(0, order), j.index_select(0, order)
 
 
 def spatial_match(
@@ -578,7 +588,7 @@ def spatial_match(
     max_scale_change: float = 3.0,
     lo_iters: int = 3,
     return_matches: bool = False,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
 ) -> SpatialMatch:
     r"""Fast spatial matching of ``P`` (query, database) pairs, batched (DSM section 3.5).
 
@@ -690,12 +700,21 @@ def spatial_match(
     tx = dx - ha * qx
     ty = dy - hb * qx - hc * qy
     one = torch.ones_like(qx)
-    mono = torch.stack(
-        [one, qx, qy, dx, dy, qx * qx, qy * qy, dx * dx + dy * dy, qx * qy, qx * dx, qx * dy, qy * dy], 1
+    # Row n_corr is the padding sentinel of both factors. A hypothesis outside the scale limit has a huge constant
+    # term, as has the sentinel's w row, so nothing is close to them; a padded correspondence has the sentinel's
+    # monomials (a huge |d|^2 term), so it is close to no hypothesis. No mask pass in the score loop.
+    mono = torch.empty(n_corr + 1, 12, dtype=dtype, device=dev)
+    w = torch.empty(n_corr + 1, 12, dtype=dtype, device=dev)
+    mono[n_corr], w[n_corr] = 0.0, 0.0
+    mono[n_corr, 0], mono[n_corr, 7], w[n_corr, 0] = 1.0, 1e30, 1e30
+    torch.stack(
+        [one, qx, qy, dx, dy, qx * qx, qy * qy, dx * dx + dy * dy, qx * qy, qx * dx, qx * dy, qy * dy],
+        1,
+        out=mono[:n_corr],
     )
-    w = torch.stack(
+    torch.stack(
         [
-            tx * tx + ty * ty,
+            torch.where(ok, tx * tx + ty * ty, 1e30),  # outside the scale limit: close to nothing
             2 * (ha * tx + hb * ty),
             2 * hc * ty,
             -2 * tx,
@@ -709,18 +728,8 @@ def spatial_match(
             -2 * hc,
         ],
         1,
+        out=w[:n_corr],
     )
-    sentinel = torch.zeros(1, 12, dtype=dtype, device=dev)
-    mono = torch.cat(
-        [
-            mono,
-            sentinel.index_fill(1, torch.tensor([0], device=dev), 1.0).index_fill(
-                1, torch.tensor([7], device=dev), 1e30
-            ),
-        ]
-    )
-    w = torch.cat([w, sentinel])
-    ok_s = torch.cat([ok, torch.zeros(1, dtype=torch.bool, device=dev)])
     chosen_h = torch.full((n_units,), n_corr, dtype=torch.int64, device=dev)  # the best hypothesis (a corr index)
     # The expanded form rounds (about 1e-3 of err2 in float32): it only ranks the hypotheses, with a margin; the
     # chosen transform's inliers are counted directly below, in float64 and raw coordinates.
@@ -736,9 +745,12 @@ def spatial_match(
             for c0 in range(0, len(units_all), per_chunk):
                 units = units_all[c0 : c0 + per_chunk]
                 idx = torch.where(r[None] < cnt[units][:, None], start[units][:, None] + r[None], n_corr)
-                close = torch.bmm(w[idx], mono[idx].mT) <= thr
-                counts = close.view(torch.uint8).sum(-1, dtype=torch.int32)  # (U, T hypotheses); bool sums are slow
-                counts = torch.where(ok_s[idx], counts, torch.zeros_like(counts))
+                flat = idx.flatten()
+                wi = w.index_select(0, flat).view(len(units), t, 12)
+                mi = mono.index_select(0, flat).view(len(units), t, 12)
+                # (U, T hypotheses, T correspondences) scores, compared in place (1.0 = close) and summed: cheaper than
+                # a new bool tensor and its sum
+                counts = torch.bmm(wi, mi.mT).le_(thr).sum(-1)
                 top, h = counts.max(1)  # first max
                 chosen_h[units] = torch.where(top > 0, idx.gather(1, h[:, None])[:, 0], n_corr)
     # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list of
@@ -806,74 +818,100 @@ def _refine(
 
     ``h``: :math:`(U,)` the chosen hypothesis as a correspondence index (``len(qc)`` = none). Returns counts
     :math:`(U,)`, transforms :math:`(U, 5)` (a, b, c, tx, ty; NaN without one) and the mask :math:`(K,)` over the
-    correspondences. Float64, raw coordinates, segment sums over the correspondences' ``unit``.
+    correspondences. Float64, raw coordinates. The sums over each unit's inliers are one CSR product: row ``u`` of a
+    ``(U, K)`` matrix holds unit ``u``'s correspondences (they are sorted by unit) with the inlier mask as values,
+    so every sum of a unit is taken in the same order whatever else is in the batch.
     """
-    n = len(qc)
+    n, n_units = len(qc), len(cnt)
     has = h < n
     hs = h.clamp(max=max(n - 1, 0))
-    rqx, rqy, rdx, rdy = qc[:, 0].double(), qc[:, 1].double(), dc[:, 0].double(), dc[:, 1].double()
+    rqx, rqy, rdx, rdy = (v.double().contiguous() for v in (qc[:, 0], qc[:, 1], dc[:, 0], dc[:, 1]))
     a, b, c = (v.index_select(0, hs).double() for v in (ha, hb, hc))
     tx = rdx.index_select(0, hs) - a * rqx.index_select(0, hs)
     ty = rdy.index_select(0, hs) - b * rqx.index_select(0, hs) - c * rqy.index_select(0, hs)
     nan = torch.full_like(a, float("nan"))
     params = torch.where(has[:, None], torch.stack([a, b, c, tx, ty], 1), nan[:, None])
+    coords: tuple[torch.Tensor, ...] = (rqx, rqy, rdx, rdy)
 
-    def inliers_of(p: torch.Tensor) -> torch.Tensor:
-        pu = p.index_select(0, unit)
-        ex = pu[:, 0] * rqx + pu[:, 3] - rdx
-        ey = pu[:, 1] * rqx + pu[:, 2] * rqy + pu[:, 4] - rdy
+    def unit_sums(weights: torch.Tensor, v: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(U, F): the sum of ``weights * v`` over each unit's correspondences (``counts`` per unit, in order)."""
+        crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        col = torch.arange(len(weights), device=weights.device)
+        with _silence_csr_beta_ctx():
+            m = torch.sparse_csr_tensor(crow, col, weights.double(), (len(counts), len(weights)))
+        return m @ v
+
+    def inliers_of(p: torch.Tensor, owner: torch.Tensor, xy: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Which correspondences (coordinates ``xy``, of units ``owner``) transfer within ``error`` under ``p``."""
+        pa, pb, pc, ptx, pty = (v.contiguous().index_select(0, owner) for v in p.unbind(1))
+        x, y, u, v = xy
+        ex = pa * x + ptx - u
+        ey = pb * x + pc * y + pty - v
         return ex * ex + ey * ey <= err2  # NaN parameters: False
 
-    def per_unit(v: torch.Tensor) -> torch.Tensor:  # segment sums (the correspondences are sorted by unit)
-        return torch.segment_reduce(v, "sum", lengths=cnt)
+    # The 11 monomials whose sums over a unit's inliers give its least-squares fit, in coordinates about the unit's
+    # centroid (all its correspondences; fixed), so the one-pass second moments below keep float64's precision.
+    ones = torch.ones_like(rqx)
+    centroid = unit_sums(ones, torch.stack(coords, 1), cnt) / cnt.clamp(min=1)[:, None].double()  # (U, 4)
+    x, y, u, v = (t - m.index_select(0, unit) for t, m in zip(coords, centroid.unbind(1), strict=True))
+    mono = torch.stack([ones, x, y, u, v, x * x, x * y, y * y, x * u, x * v, y * v], 1)
 
-    def count(m: torch.Tensor) -> torch.Tensor:
-        return per_unit(m.double()).round().long()
-
-    mask = inliers_of(params)
-    best_cnt = count(mask)
+    mask = inliers_of(params, unit, coords)
+    sums = unit_sums(mask, mono, cnt)  # (U, 11); column 0 counts the inliers
+    best_cnt = sums[:, 0].round().long()
+    # LO rounds. A fit depends only on the unit's inlier set, so a unit that did not gain in a round would fit the
+    # same again: after the first round only the units that gained are refitted, on their own correspondences.
+    act = torch.arange(n_units, device=qc.device)  # the units refitted this round
+    sub: torch.Tensor | None = None  # their correspondences (None: all)
+    owner, xy, mono_a, cnt_a = unit, coords, mono, cnt
     for _ in range(lo_iters):
-        cand = _fit_segments(rqx, rqy, rdx, rdy, mask.double(), per_unit, unit)
+        cand = _fit_moments(sums.index_select(0, act), centroid.index_select(0, act))
         ca, cc = cand[:, 0], cand[:, 2]
         sc = (ca * cc).clamp(min=0).sqrt()
         good = (ca > 0) & (cc > 0) & (sc <= max_scale_change) & (sc >= 1.0 / max_scale_change) & cand.isfinite().all(1)
-        cmask = inliers_of(cand)
-        ccnt = count(cmask)
-        better = good & (ccnt > best_cnt)
+        cmask = inliers_of(cand, owner, xy)
+        csums = unit_sums(cmask, mono_a, cnt_a)
+        ccnt = csums[:, 0].round().long()
+        better = good & (ccnt > best_cnt.index_select(0, act))
         if not bool(better.any()):
             break
-        best_cnt = torch.where(better, ccnt, best_cnt)
-        params = torch.where(better[:, None], cand, params)
-        mask = torch.where(better.index_select(0, unit), cmask, mask)
+        won = act[better]
+        best_cnt = best_cnt.index_copy(0, won, ccnt[better])
+        params = params.index_copy(0, won, cand[better])
+        sums = sums.index_copy(0, won, csums[better])
+        keep = better.index_select(0, owner)  # the correspondences of the units that gained
+        mask = torch.where(keep, cmask, mask) if sub is None else mask.index_copy(0, sub[keep], cmask[keep])
+        # Next round: the units that gained, and their correspondences (contiguous runs, in order).
+        act, cnt_a = won, cnt.index_select(0, won)
+        owner = torch.repeat_interleave(torch.arange(len(won), device=qc.device), cnt_a)
+        first = torch.cumsum(cnt, 0).index_select(0, won) - cnt_a  # each run's start
+        sub = first.index_select(0, owner) + torch.arange(len(owner), device=qc.device)
+        sub = sub - (torch.cumsum(cnt_a, 0) - cnt_a).index_select(0, owner)
+        xy = tuple(t.index_select(0, sub) for t in coords)
+        mono_a = mono.index_select(0, sub)
     return best_cnt, params, mask
 
 
-def _fit_segments(
-    qx: torch.Tensor,
-    qy: torch.Tensor,
-    dx: torch.Tensor,
-    dy: torch.Tensor,
-    w: torch.Tensor,
-    per_unit: Any,
-    unit: torch.Tensor,
-) -> torch.Tensor:
-    """Weighted least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per unit (segment sums).
+def _fit_moments(sums: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
+    """Least squares of ``x' = a x + tx``, ``y' = b x + c y + ty`` per unit, from the sums of its inliers.
 
-    NaN where degenerate: fewer than 3 inliers, or points on a line (a relative determinant below 1e-9, float64).
+    ``sums`` :math:`(U, 11)`: the sums of 1, x, y, u, v, xx, xy, yy, xu, xv, yv over each unit's inliers, in
+    coordinates about ``centroid`` :math:`(U, 4)` (query x, y; database x = u, y = v). Returns :math:`(U, 5)` (a, b,
+    c, tx, ty) in raw coordinates. NaN where degenerate: fewer than 3 inliers, or points on a line (no x or y
+    spread, or a relative determinant below 1e-9; float64).
     """
-    sw = per_unit(w)
-    swc = sw.clamp(min=1e-12)
-    mx, my = per_unit(w * qx) / swc, per_unit(w * qy) / swc
-    mu, mv = per_unit(w * dx) / swc, per_unit(w * dy) / swc
-    x, y, u, v = (t - m.index_select(0, unit) for t, m in ((qx, mx), (qy, my), (dx, mu), (dy, mv)))
-    sxx, sxy, syy = per_unit(w * x * x), per_unit(w * x * y), per_unit(w * y * y)
-    sxu, sxv, syv = per_unit(w * x * u), per_unit(w * x * v), per_unit(w * y * v)
+    sw, sx, sy, su, sv, sxx, sxy, syy, sxu, sxv, syv = sums.unbind(1)
+    w = sw.clamp(min=1e-12)
+    mx, my, mu, mv = sx / w, sy / w, su / w, sv / w
+    sxx, sxy, syy = sxx - sx * mx, sxy - sx * my, syy - sy * my  # second moments about the inliers' means
+    sxu, sxv, syv = sxu - sx * mu, sxv - sx * mv, syv - sy * mv
     nan = torch.full_like(sxx, float("nan"))
     a = torch.where(sxx > 1e-9, sxu / sxx.clamp(min=1e-12), nan)
     det = sxx * syy - sxy * sxy
-    okd = (det > 1e-9 * (sxx * syy).clamp(min=1e-12)) & (sw >= 3)
+    okd = (det > 1e-9 * (sxx * syy).clamp(min=1e-12)) & (syy > 1e-9) & (sw >= 3)
     b = torch.where(okd, (sxv * syy - syv * sxy) / det.clamp(min=1e-12), nan)
     c = torch.where(okd, (syv * sxx - sxv * sxy) / det.clamp(min=1e-12), nan)
-    tx = mu - a * mx
-    ty = mv - b * mx - c * my
+    cx, cy, cu, cv = centroid.unbind(1)
+    tx = mu + cu - a * (mx + cx)
+    ty = mv + cv - b * (mx + cx) - c * (my + cy)
     return torch.stack([a, b, c, tx, ty], 1)
