@@ -64,7 +64,10 @@ def cg_iterates(a: torch.Tensor, b: torch.Tensor, max_iter: int, tol: float) -> 
         return iterates, residuals
     for _ in range(max_iter):
         ap = a @ p
-        step = rr / float(p @ ap)
+        pap = float(p @ ap)
+        if pap <= 0:  # a direction of non-positive curvature (A not SPD): the column stops, as pcg's flag 4
+            break
+        step = rr / pap
         x = x + step * p
         r = r - step * ap
         rr_new = float(r @ r)
@@ -278,6 +281,37 @@ class TestConjugateGradient(BaseTester):
             xr, rr = ref_pcg(a, b, max_iter, tol)
             self.assert_close(xb[j * n : (j + 1) * n, j], xr, rtol=1e-9, atol=1e-12)
             self.assert_close(rb[j], torch.tensor(rr, dtype=F64), rtol=1e-9, atol=0.0)
+
+    def test_nonpositive_curvature_freezes_the_column(self) -> None:
+        # Symmetric indefinite systems (one eigenvalue -0.3) where p^T A p <= 0 after one or more steps: that
+        # column stops for good (it keeps its smallest-residual iterate) while an SPD column batched with it goes on.
+        n, max_iter, tol = 6, 6, 1e-12
+        cases = []
+        for seed in range(40):
+            g = torch.Generator().manual_seed(seed)
+            q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+            ev = torch.linspace(1.0, 3.0, n, dtype=F64)
+            ev[0] = -0.3
+            a = (q * ev) @ q.T
+            b = randn(n, seed=1000 + seed)
+            iterates, _ = cg_iterates(a, b, max_iter, tol)
+            r = b - a @ iterates[-1]
+            # Stepped at least once, then stopped on a non-positive p^T A p where a restart along r would go on.
+            if 2 <= len(iterates) <= max_iter and float(r @ a @ r) > 0:
+                cases.append((a, b))
+        assert len(cases) >= 3
+        spd, b_spd = random_spd(n, 3), randn(n, seed=4)
+        for a, b in cases:
+            big = torch.block_diag(a, spd)
+            rhs = torch.zeros(2 * n, 2, dtype=F64)
+            rhs[:n, 0], rhs[n:, 1] = b, b_spd
+            x, res = conjugate_gradient(matvec_of(big), rhs, max_iter=max_iter, tol=tol)
+            xr, rr = ref_pcg(a, b, max_iter, tol)
+            self.assert_close(x[:n, 0], xr, rtol=1e-9, atol=1e-12)
+            self.assert_close(res[0], torch.tensor(rr, dtype=F64), rtol=1e-9, atol=0.0)
+            self.assert_close(x[n:, 1], ref_pcg(spd, b_spd, max_iter, tol)[0], rtol=1e-9, atol=1e-12)
+            assert bool((x[:n, 1] == 0).all())
+            assert bool((x[n:, 0] == 0).all())
 
     @pytest.mark.parametrize("max_iter", [1, 4, 10])
     def test_residual_norms_are_true_residuals(self, max_iter: int) -> None:

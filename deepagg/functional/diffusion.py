@@ -482,11 +482,11 @@ class DiffusionOperator:
         """``(f, residual_norms)`` for seeds ``y`` :math:`(N, Q)` in the graph's own node order."""
         b = y.to(self.dtype)
         if self.perm is not None:
-            b = b[self.perm]
+            b = b.index_select(0, self.perm)  # index_select: the fast row gather (b[perm] is several times slower)
         f, res = conjugate_gradient(self.matvec, b.contiguous(), max_iter=max_iter, tol=tol)
         if self.perm is not None:
             out = torch.empty_like(f)
-            out[self.perm] = f
+            out.index_copy_(0, self.perm, f)
             f = out
         return f, res
 

@@ -105,24 +105,27 @@ def conjugate_gradient(
         threshold = (tol * rr.sqrt()) ** 2  # converged when rr <= (tol ||b||)^2
         best_x = x.clone()
         best_rr = rr.clone()
-        done = rr <= threshold
-        tiny = torch.finfo(rhs.dtype).tiny
-        for _ in range(max_iter):
+        alive = rr > threshold  # not converged (yet)
+        for it in range(max_iter):
             ap = apply(p)
             pap = coldot(p, ap)
-            active = ~done & (pap > 0)  # pap <= 0 only for a zero direction (or an A that is not SPD)
-            step = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
+            # A column steps while alive and pap > 0 (pap <= 0 only for a zero direction or an A that is not SPD).
+            # Divisions by a frozen column's 0 are discarded by the where (no NaN reaches a result).
+            active = alive & (pap > 0)
+            step = torch.where(active, rr / pap, 0.0)
             x.addcmul_(step, p)
             r.addcmul_(step, ap, value=-1.0)
-            rr_new = torch.where(active, coldot(r, r), rr)
-            better = active & (rr_new < best_rr)
+            rr_new = torch.where(active, coldot(r, r), rr)  # a frozen column keeps its rr exactly
             # best_x <- x where better: lerp with weight 0 or 1 is exact (weight 1 gives x itself) and, unlike
-            # torch.where with a broadcast column mask, runs at copy speed.
+            # torch.where with a broadcast column mask, runs at copy speed. A frozen column is never better: its rr
+            # is already among those best_rr has seen.
+            better = rr_new < best_rr
             torch.lerp(best_x, x, better.to(x.dtype), out=best_x)
             best_rr = torch.where(better, rr_new, best_rr)
-            done = done | (rr_new <= threshold) | ~active
-            beta = torch.where(active, rr_new / rr.clamp(min=tiny), 0.0)
-            torch.addcmul(r, p, beta, out=p)  # p <- r + beta p, one pass
+            alive = active & (rr_new > threshold)
+            if it + 1 < max_iter:  # the last direction would go unused
+                beta = torch.where(active, rr_new / rr, 0.0)  # an active column has rr > threshold >= 0
+                torch.addcmul(r, p, beta, out=p)  # p <- r + beta p, one pass
             rr = rr_new
     # A converged column's best iterate is its last one (its residual is the smallest so far and frozen).
     residual = best_rr.sqrt() * scale
