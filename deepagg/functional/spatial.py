@@ -210,24 +210,54 @@ def _as_scale_list(a: Any, fn: str) -> tuple[list[torch.Tensor], bool]:
     return out, bool(single)
 
 
-def _upper_level_set(img: np.ndarray, region: np.ndarray) -> bool:
-    """Whether ``region`` (``(n, 2)`` pixels ``(x, y)``) is a component of an upper level set of ``img``.
+def _concat_regions(regions: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All pixels of ``regions`` (each ``(n, 2)`` ``(x, y)``, non-empty) in one array, with each pixel's region.
 
-    That is: every pixel inside is strictly higher than every 4-neighbour outside (a high-activation region).
+    Returns ``(x, y, region id, start offset of each region)``, the pixels grouped by region in order (for
+    ``np.ufunc.reduceat``).
     """
-    h, w = img.shape
-    inside = np.zeros((h + 2, w + 2), dtype=bool)
-    inside[region[:, 1] + 1, region[:, 0] + 1] = True
-    ring = np.zeros_like(inside)
-    ring[1:] |= inside[:-1]
-    ring[:-1] |= inside[1:]
-    ring[:, 1:] |= inside[:, :-1]
-    ring[:, :-1] |= inside[:, 1:]
-    ring &= ~inside
-    ring = ring[1:-1, 1:-1]
-    if not ring.any():
-        return True
-    return int(img[region[:, 1], region[:, 0]].min()) > int(img[ring].max())
+    counts = np.fromiter((len(r) for r in regions), dtype=np.int64, count=len(regions))
+    pix = np.concatenate(regions).astype(np.int64)
+    starts = np.zeros(len(regions), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    return pix[:, 0], pix[:, 1], np.repeat(np.arange(len(regions)), counts), starts
+
+
+def _upper_level_sets(maps: np.ndarray, regions: Sequence[np.ndarray], owner: np.ndarray) -> np.ndarray:
+    """Which ``regions`` are components of upper level sets of their maps (region ``k`` lies in ``maps[owner[k]]``).
+
+    ``maps`` :math:`(M, H, W)` uint8; each region an ``(n, 2)`` array of pixels ``(x, y)``. A component of an upper
+    level set: every pixel inside is strictly higher than every 4-neighbour outside (a high-activation region).
+    All regions at once: a neighbour is outside when its (region, pixel) key is not among the region's own keys.
+    """
+    if not len(regions):
+        return np.zeros(0, dtype=bool)
+    _, h, w = maps.shape
+    x, y, rid, starts = _concat_regions(regions)
+    flat = maps.reshape(len(maps), h * w).astype(np.int16)
+    row = owner[rid]  # each pixel's map
+    lin = y * w + x
+    inside_min = np.minimum.reduceat(flat[row, lin], starts)
+    keys = rid * (h * w) + lin
+    dense = len(regions) * h * w <= _DENSE_KEYS * 16  # a bool per (region, pixel) of the map: up to 64 MB
+    if dense:
+        member = np.zeros(len(regions) * h * w, dtype=bool)
+        member[keys] = True
+    else:
+        sorted_keys = np.sort(keys)
+    ring_max = np.full(len(regions), -1, dtype=np.int16)  # -1: no pixel outside (a region filling the map)
+    for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        nx, ny = x + dx, y + dy
+        ok = (nx >= 0) & (nx < w) & (ny >= 0) & (ny < h)
+        nlin = np.where(ok, ny * w + nx, 0)
+        nkey = rid * (h * w) + nlin
+        if dense:
+            outside = ok & ~member[nkey]
+        else:
+            pos = np.minimum(np.searchsorted(sorted_keys, nkey), len(sorted_keys) - 1)
+            outside = ok & (sorted_keys[pos] != nkey)
+        ring_max = np.maximum(ring_max, np.maximum.reduceat(np.where(outside, flat[row, nlin], -1), starts))
+    return inside_min > ring_max
 
 
 def mser_regions(
@@ -263,10 +293,34 @@ def mser_regions(
     Returns:
         The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, largest first (ties in OpenCV's order).
     """
-    cv2 = _cv2("mser_regions")
-    h, w = channel_map.shape
+    return _mser_many(
+        channel_map[None],
+        delta=delta,
+        min_area=min_area,
+        max_area=max_area,
+        max_variation=max_variation,
+        min_diversity=min_diversity,
+        cv_min_diversity=cv_min_diversity,
+        fn="mser_regions",
+    )[0]
+
+
+def _mser_many(
+    maps: np.ndarray,
+    *,
+    delta: int,
+    min_area: int,
+    max_area: float,
+    max_variation: float,
+    min_diversity: float,
+    cv_min_diversity: float,
+    fn: str = "activation_features",
+) -> list[list[np.ndarray]]:
+    """:func:`mser_regions` of every map of ``maps`` :math:`(M, H, W)` uint8 (the high-activation test batched)."""
+    cv2 = _cv2(fn)
+    _, h, w = maps.shape
     if h < 3 or w < 3:  # OpenCV refuses maps under 3 x 3; no stable region fits in one anyway
-        return []
+        return [[] for _ in maps]
     mser = cv2.MSER_create(
         delta=int(delta),
         min_area=int(min_area),
@@ -274,17 +328,28 @@ def mser_regions(
         max_variation=float(max_variation),
         min_diversity=float(cv_min_diversity),
     )
-    regions, _ = mser.detectRegions(channel_map)
-    bright = sorted((r for r in regions if _upper_level_set(channel_map, r)), key=len, reverse=True)  # stable
-    owner = np.full((h, w), -1, dtype=np.int64)
-    kept: list[np.ndarray] = []
-    for r in bright:
-        o = owner[r[0, 1], r[0, 0]]  # regions of one map are nested or disjoint: one pixel tells
-        if o >= 0 and (len(kept[o]) - len(r)) / len(kept[o]) < min_diversity:
-            continue
-        owner[r[:, 1], r[:, 0]] = len(kept)
-        kept.append(r)
-    return kept
+    found = [mser.detectRegions(np.ascontiguousarray(m))[0] for m in maps]
+    regions = [r for rs in found for r in rs]
+    owner = np.repeat(np.arange(len(maps)), [len(rs) for rs in found])
+    high = _upper_level_sets(maps, regions, owner)
+    out: list[list[np.ndarray]] = []
+    first = 0
+    for rs in found:
+        is_high = high[first : first + len(rs)]
+        first += len(rs)
+        bright = sorted((r for r, k in zip(rs, is_high, strict=True) if k), key=len, reverse=True)  # stable
+        # VLFeat's diversity rule: regions of one map are nested or disjoint, so one pixel tells the smallest kept
+        # region containing a region (the last one written there).
+        parent = np.full((h, w), -1, dtype=np.int64)
+        kept: list[np.ndarray] = []
+        for r in bright:
+            o = parent[r[0, 1], r[0, 0]]
+            if o >= 0 and (len(kept[o]) - len(r)) / len(kept[o]) < min_diversity:
+                continue
+            parent[r[:, 1], r[:, 0]] = len(kept)
+            kept.append(r)
+        out.append(kept)
+    return out
 
 
 def _to_uint8(a: torch.Tensor, scaling: str, image_max: torch.Tensor) -> torch.Tensor:
@@ -307,32 +372,36 @@ def _detect_one(
     a = a.detach().float().cpu()
     u8 = _to_uint8(a, scaling, a.max() if a.numel() else torch.tensor(0.0)).numpy()
     raw = a.numpy()
-    cen, cov, strength, chan = [], [], [], []
-    for c in np.flatnonzero(u8.reshape(u8.shape[0], -1).max(1) > 0):
-        regions = mser_regions(u8[c], **mser)
-        fits = []
-        for r in regions:
-            xy = r.astype(np.float64)
-            mu = xy.mean(0)
-            d = xy - mu
-            s = d.T @ d / len(xy)
-            if s[0, 0] * s[1, 1] - s[0, 1] ** 2 <= min_det:  # a line or a point: no ellipse (as the authors)
-                continue
-            fits.append((mu, s, float(raw[c][r[:, 1], r[:, 0]].max())))
-        if len(fits) > max_regions:  # a cluttered channel: skipped as a whole
-            continue
-        for mu, s, v in fits:
-            cen.append(mu)
-            cov.append(s)
-            strength.append(v)
-            chan.append(c)
-    if not cen:
+    regions: list[np.ndarray] = []
+    chan_list: list[int] = []
+    lit = np.flatnonzero(u8.reshape(u8.shape[0], -1).max(1) > 0)  # channels with any activation
+    for c, found in zip(lit.tolist(), _mser_many(u8[lit], **mser), strict=True):
+        regions.extend(found)
+        chan_list.extend([c] * len(found))
+    if not regions:
         z = np.zeros
         return z((0, 2)), z((0, 2, 2)), z(0), z(0, dtype=np.int64), z((0, 4))
-    cen_a, cov_a = np.asarray(cen), np.asarray(cov)
+    # Every region's ellipse at once: mean and covariance of its pixel coordinates, largest raw activation.
+    x, y, rid, starts = _concat_regions(regions)
+    n = np.diff(np.append(starts, len(x))).astype(np.float64)
+    chan = np.asarray(chan_list, dtype=np.int64)
+    mu = np.stack([np.add.reduceat(x.astype(np.float64), starts), np.add.reduceat(y.astype(np.float64), starts)], 1)
+    mu /= n[:, None]
+    dx, dy = x - mu[rid, 0], y - mu[rid, 1]
+    sxx, sxy, syy = (np.add.reduceat(v, starts) / n for v in (dx * dx, dx * dy, dy * dy))
+    strength = np.maximum.reduceat(raw[chan[rid], y, x], starts).astype(np.float64)
+    fit = sxx * syy - sxy**2 > min_det  # a line or a point has no ellipse (as the authors)
+    per_channel = np.bincount(chan[fit], minlength=raw.shape[0])
+    keep = fit & (per_channel[chan] <= max_regions)  # a cluttered channel is skipped as a whole
+    cen_a = mu[keep]
+    cov_a = np.stack([np.stack([sxx, sxy], 1), np.stack([sxy, syy], 1)], 1)[keep]
+    strength, chan = strength[keep], chan[keep]
+    if not len(chan):
+        z = np.zeros
+        return z((0, 2)), z((0, 2, 2)), z(0), z(0, dtype=np.int64), z((0, 4))
     half = np.sqrt(np.stack([cov_a[:, 0, 0], cov_a[:, 1, 1]], 1))
     boxes = np.concatenate([cen_a - half, cen_a + half], 1)  # the 1-sigma ellipse's bounding box
-    return cen_a, cov_a, np.asarray(strength), np.asarray(chan, dtype=np.int64), boxes
+    return cen_a, cov_a, strength, chan, boxes
 
 
 def _top_by_strength(strength: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
