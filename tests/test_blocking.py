@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deepagg.functional as F
 from deepagg.functional import _blocking
 from deepagg.functional._blocking import (
     batch_blocks,
     blocked,
+    channel_chunked,
     fast_path,
     fill_padding,
     rectangles,
@@ -199,6 +201,51 @@ class TestMasks:
         torch.testing.assert_close(valid_counts(mask, torch.float64), expected)
         torch.testing.assert_close(valid_counts(mask.to("meta"), torch.float64).shape, expected.shape)
         assert valid_counts(torch.zeros(0, 5, 6, dtype=torch.bool), torch.float32).shape == (0,)
+
+
+class TestChannelChunked(BaseTester):
+    @pytest.mark.parametrize("layout", ["contiguous", "crop", "empty"])
+    def test_chunks_concatenated(self, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        # 4 maps of 3 x 5 float32 per chunk: 2 images x 7 channels = 14 maps in 4 chunks, the last one of 2; the
+        # work tensor is the same memory for every chunk and fn's outputs come back as (B, C).
+        monkeypatch.setattr(_blocking, "CHUNK_BYTES", 4 * 3 * 5 * 4)
+        x = torch.rand(2, 7, 3, 5)
+        if layout == "crop":
+            x = torch.rand(1, 9, 6, 8)[:, :, :3, :5]  # one image's top-left rectangle: a strided view
+        elif layout == "empty":
+            x = torch.rand(0, 7, 3, 5)
+        seen: list[tuple[int, int]] = []
+
+        def fn(m: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            assert work.shape == m.shape
+            assert work.is_contiguous()
+            seen.append((work.data_ptr(), len(m)))
+            torch.mul(m, 2.0, out=work)
+            return work.sum(dim=(-2, -1)), work.amax(dim=(-2, -1)) if len(m) else work.sum(dim=(-2, -1))
+
+        sums, tops = channel_chunked(fn, x, torch.float32)
+        b, c = x.shape[:2]
+        assert sums.shape == tops.shape == (b, c)
+        if b:
+            self.assert_close(sums, 2 * x.sum(dim=(-2, -1)))
+            self.assert_close(tops, 2 * x.amax(dim=(-2, -1)))
+            counts = [n for _, n in seen]
+            assert counts == [4] * (b * c // 4) + ([b * c % 4] if b * c % 4 else [])
+            assert len({ptr for ptr, _ in seen}) == 1  # one work allocation for all chunks
+
+    @pytest.mark.parametrize("p", [3.0, 7.6])
+    @pytest.mark.parametrize("padded", [False, True])
+    def test_gem_over_chunks(self, p: float, padded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        # GeM's CPU fast paths over chunks of 3 channel maps (the whole batch, or each cropped image of a padded
+        # batch) against the float64 per-image reference.
+        monkeypatch.setattr(_blocking, "CHUNK_BYTES", 3 * 6 * 7 * 4)
+        x = torch.rand(3, 8, 6, 7) * 3
+        sizes = [(6, 7), (4, 5), (5, 3)] if padded else [(6, 7)] * 3
+        mask = _padded_mask(sizes, 6, 7) if padded else None
+        got = F.gem(x, p=p, mask=mask)
+        for i, (h, w) in enumerate(sizes):
+            ref = x[i, :, :h, :w].double().clamp(min=1e-6).pow(p).mean(dim=(-2, -1)).pow(1 / p)
+            self.assert_close(got[i].double(), ref, rtol=1e-5, atol=1e-6)
 
 
 class TestWeightedSums(BaseTester):

@@ -36,6 +36,7 @@ __all__ = [
     "CROP_IMAGES",
     "batch_blocks",
     "blocked",
+    "channel_chunked",
     "fast_path",
     "fill_padding",
     "rectangles",
@@ -53,6 +54,33 @@ BLOCK_BYTES = 4 * 2**20
 CROP_IMAGES = 4
 
 T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
+
+
+#: Target size in bytes of one chunk of channel maps for :func:`channel_chunked`: the per-channel work runs in the
+#: core's L2 cache. On 2 cores of an Intel Xeon (2 MiB L2 per core) 768 KiB measured fastest for GeM at 32 x 512
+#: x 24 x 32 and 8 x 512 x 48 x 64 (192 KiB: call overhead; 3 MiB and more: the temporary leaves L2).
+CHUNK_BYTES = 3 * 2**18
+
+
+def channel_chunked(
+    fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], x: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """``fn(maps, work)`` over chunks of the channel maps of ``x`` (B, C, H, W); returns ``(B, C)`` outputs.
+
+    For per-channel reductions on the CPU fast path: ``fn`` gets ``k`` channel maps ``(k, H, W)`` (a view, any
+    strides) and a contiguous ``dtype`` work tensor of that shape for its temporary, and returns per-channel
+    ``(k,)`` tensors. The chunks hold about :data:`CHUNK_BYTES` and share one work allocation, so the temporary
+    stays in the core's cache between its passes and from one chunk to the next. ``x`` must be contiguous or
+    hold one image (a cropped view).
+    """
+    b, c, h, w = x.shape
+    maps = x.reshape(b * c, h, w)  # a view: x is contiguous or one (possibly strided) image
+    itemsize = torch.finfo(dtype).bits // 8
+    step = max(1, min(b * c, CHUNK_BYTES // max(1, h * w * itemsize)))
+    work = torch.empty(step, h, w, dtype=dtype, device=x.device)
+    starts = range(0, b * c, step) if b * c else range(1)  # no map: one empty chunk gives the empty outputs
+    parts = [fn(maps[r : r + step], work[: min(step, b * c - r)]) for r in starts]
+    return tuple(torch.cat(col).view(b, c) for col in zip(*parts, strict=True))
 
 
 def batch_blocks(x: torch.Tensor, itemsize: int | None = None) -> int:

@@ -37,7 +37,15 @@ from deepagg._checks import (
     check_same_device,
     check_shape,
 )
-from deepagg.functional._blocking import blocked, fast_path, fill_padding, valid_counts, weighted_sums
+from deepagg.functional import _blocking
+from deepagg.functional._blocking import (
+    blocked,
+    channel_chunked,
+    fast_path,
+    fill_padding,
+    valid_counts,
+    weighted_sums,
+)
 
 __all__ = ["crow", "gem", "mac", "rmac", "rmac_grid", "rmac_regions", "spoc"]
 
@@ -255,10 +263,16 @@ def gem(
         # unscaled power sums cannot underflow, and they overflow only to inf. That is two passes fewer than the
         # scaled form below (no max, no division), which is kept for a batch whose sums are not all finite. Same
         # value to float rounding (GeM is homogeneous).
-        sums = run(_gem_sum_block, x, mask)
+        if _chunkable(x, mask, dtype, True):  # the channel chunks bound the temporary: no blocks of images
+            sums = _gem_sum_block(x, None, p=p_map, eps=eps, dtype=dtype, fast=True, buf=None)
+        else:
+            sums = run(_gem_sum_block, x, mask)
         if math.isfinite(float(sums.sum())):
             return (sums / n_valid).pow(inv).to(x.dtype)
-    sums, scale = run(_gem_block, x, mask, inplace=inplace)
+    if inplace and isinstance(p_map, float) and fast_path(x) and _chunkable(x, mask, dtype, True):
+        sums, scale = _gem_block(x, None, p=p_map, eps=eps, dtype=dtype, inplace=True, fast=True, buf=None)
+    else:
+        sums, scale = run(_gem_block, x, mask, inplace=inplace)
     pooled = sums / n_valid
     return (scale * pooled.pow(inv)).to(x.dtype)
 
@@ -278,7 +292,28 @@ def _gem_sum_block(
     buf: torch.Tensor | None,
 ) -> torch.Tensor:
     """Per channel: the unscaled sum of ``max(x, eps) ** p`` over the valid positions (no autograd)."""
+    if _chunkable(x, mask, dtype, fast):
+        (sums,) = channel_chunked(
+            lambda m, work: (torch.clamp(m, min=eps, out=work).pow_(p).sum(dim=(-2, -1)),), x, dtype
+        )
+        return sums
     return _clamp_fill(x, mask, eps=eps, dtype=dtype, fast=fast, buf=buf).pow_(p).sum(dim=(-2, -1))
+
+
+def _chunkable(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype, fast: bool) -> bool:
+    """Whether a block's per-channel work can run over cache-sized channel chunks (:func:`channel_chunked`).
+
+    CPU fast path, no mask (a whole map or a cropped image), ``x`` already in the compute dtype, contiguous or a
+    single (cropped) image, and larger than two chunks (a smaller map gains nothing from chunks: measured slower
+    for the 1.5 MiB cropped images of a padded 32 x 512 x 24 x 32 batch).
+    """
+    return (
+        fast
+        and mask is None
+        and x.dtype == dtype
+        and (x.shape[0] == 1 or x.is_contiguous())
+        and x.numel() * x.element_size() > 2 * _blocking.CHUNK_BYTES
+    )
 
 
 def _gem_block(
@@ -296,6 +331,15 @@ def _gem_block(
 
     One map-sized buffer per block (``buf``, or a new one), worked on in place without autograd.
     """
+    if inplace and isinstance(p, float) and _chunkable(x, mask, dtype, fast):
+
+        def chunk(m: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xc = torch.clamp(m, min=eps, out=work)
+            scale = xc.amax(dim=(-2, -1), keepdim=True)
+            return _power(xc.div_(scale), p, None, True).sum(dim=(-2, -1)), scale[:, 0, 0]
+
+        sums, scale = channel_chunked(chunk, x, dtype)
+        return sums, scale
     xc = _clamp_fill(x, mask, eps=eps, dtype=dtype, fast=fast, buf=buf)
     # Per-channel scale (>= eps): the scaled values lie in (0, 1], so their powers neither overflow nor all
     # underflow (the max contributes exactly 1). Detached: by homogeneity the scale has zero gradient.
