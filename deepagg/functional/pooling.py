@@ -43,6 +43,7 @@ from deepagg.functional._blocking import (
     channel_chunked,
     fast_path,
     fill_padding,
+    rectangles,
     valid_counts,
     weighted_sums,
 )
@@ -94,7 +95,14 @@ def mac(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     _check_maps(x, mask, "mac")
     if mask is None:
         return x.amax(dim=(-2, -1))  # one reduction, no temporary: nothing to block
-    # Padded maps on CPU: each image's valid rectangle copied into the workspace, then one contiguous amax.
+    sizes = rectangles(mask) if fast_path(x) and x.shape[0] > 0 else None
+    if sizes is not None:
+        # A padded batch on CPU (each image a top-left rectangle): per image the max over its valid rows, each row
+        # read whole and contiguously, then over the valid columns of that (C, W) result. The padding columns drop
+        # out before the second max, so no garbage (NaN included) reaches the result. An amax over the strided
+        # rectangle itself is several times slower, and copying it first about 2x (bench_pooling's padded rows).
+        return torch.stack([x[i, :, :h, :].amax(-2)[:, :w].amax(-1) for i, (h, w) in enumerate(sizes)])
+    # Other masks on CPU: the padding filled with -inf in the workspace, then one contiguous amax.
     return blocked(_mac_block, x, mask, workspace=x.dtype, crop=True, fast_args=True)
 
 
