@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -621,6 +622,20 @@ class TestActivationFeatures(BaseTester):
             activation_features(torch.rand(2, 5, 6))
         with pytest.raises(ImportError, match=msg):
             mser_regions(np.zeros((5, 6), dtype=np.uint8))
+
+    @pytest.mark.parametrize(
+        ("version", "warns"), [("5.0.0", False), ("4.8.1", False), ("5.1.0", True), ("6.0.0-dev", True)]
+    )
+    def test_opencv_version_warning(self, version: str, warns: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(cv2, "__version__", version)
+        msg = r"activation_features\(\): OpenCV .*'s MSER finds about 3x more regions than 5.0's"
+        if warns:
+            with pytest.warns(RuntimeWarning, match=msg):
+                activation_features(torch.rand(2, 5, 6))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                activation_features(torch.rand(2, 5, 6))
 
 
 # --------------------------------------------------------------------------------------------------------------
