@@ -91,11 +91,10 @@ def conjugate_gradient(
         # underflow or overflow for float32 columns of norm below ~1e-19 or above ~1e19.
         scale = torch.linalg.vector_norm(rhs, dim=0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        rhs = rhs / scale
-        x = torch.zeros_like(rhs)
-        r = rhs.clone()
-        p = rhs.clone()
-        ones = torch.ones(1, rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
+        r = rhs / scale  # a new tensor: the residual starts as the scaled right-hand side (x0 = 0)
+        x = torch.zeros_like(r)
+        p = r.clone()
+        ones = torch.ones(1, r.shape[0], dtype=r.dtype, device=r.device)
 
         def coldot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             # Column dot products as one GEMV (a reduction over dim 0 of an (N, Q) block is slower on CPU).
@@ -129,7 +128,7 @@ def conjugate_gradient(
             rr = rr_new
     # A converged column's best iterate is its last one (its residual is the smallest so far and frozen).
     residual = best_rr.sqrt() * scale
-    best_x = best_x * scale
+    best_x = best_x.mul_(scale)  # best_x is the solver's own tensor
     if single:
         return best_x[:, 0], residual[0]
     return best_x, residual
