@@ -42,10 +42,12 @@ _DENSE_KEYS = 1 << 22  # _correspondences: (query image, channel) tables up to t
 _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 
-#: OpenCV releases whose MSER the detector's settings and the documented numbers were measured with: 5.1 finds
-#: about 3x more regions with the same parameters (23515 against 7910 on ``benchmarks/bench_spatial.py``'s
-#: synthetic 512-channel map), which changes DSM's features and inlier counts. ``pyproject.toml`` pins ``< 5.1``.
-_OPENCV_MEASURED = "< 5.1"
+#: The OpenCV release whose MSER the detector's settings and the documented DSM numbers were measured with. OpenCV
+#: 5.0's MSER rejects a region when its *variation* is below ``min_diversity`` (opencv/opencv#29652, fixed in 5.1 by
+#: #29653; 4.x never had it), so it drops the most stable regions; 4.x and 5.1 find about 3x more regions with the
+#: same settings (23515 against 7910 on ``benchmarks/bench_spatial.py``'s synthetic 512-channel map), which changes
+#: DSM's features and inlier counts. ``pyproject.toml`` requires 5.0 until the settings are re-tuned.
+_OPENCV_MEASURED = (5, 0)
 
 
 def _cv2(fn: str = "activation_features") -> Any:
@@ -53,12 +55,13 @@ def _cv2(fn: str = "activation_features") -> Any:
         import cv2
     except ImportError:  # pragma: no cover - exercised through a monkeypatched import in the tests
         raise ImportError(f"{fn}(): the MSER detector needs OpenCV; {_OPENCV_HINT}.") from None
-    major_minor = tuple(int(v) for v in re.findall(r"\d+", str(getattr(cv2, "__version__", "0.0")))[:2])
-    if major_minor >= (5, 1):
+    version = str(getattr(cv2, "__version__", "0.0"))
+    if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) != _OPENCV_MEASURED:
         warnings.warn(
-            f"{fn}(): OpenCV {cv2.__version__}'s MSER finds about 3x more regions than 5.0's with the same settings; "
-            f"deepagg's detector settings and DSM numbers were measured with OpenCV {_OPENCV_MEASURED} "
-            "(pip install 'opencv-python-headless<5.1').",
+            f"{fn}(): OpenCV {version}: deepagg's MSER settings and DSM numbers were measured with OpenCV 5.0, whose "
+            "MSER drops low-variation regions (opencv/opencv#29652; 4.x and 5.1+ find about 3x more regions with "
+            "the same settings, so features and inlier counts differ); pip install 'opencv-python-headless>=5.0,<5.1' "
+            "to reproduce them.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -291,7 +294,9 @@ def mser_regions(
 
     1. OpenCV's ``MSER_create(delta, min_area, max_area, max_variation, cv_min_diversity)`` proposes regions.
        OpenCV's own ``min_diversity`` is not VLFeat's (its 0.7, the paper's value, finds no region on maps of
-       30 x 40), and OpenCV finds more regions with a larger ``delta`` on maps this small (``docs/dsm.md``).
+       30 x 40 with OpenCV 5.0, whose MSER compares it with each region's variation: opencv/opencv#29652), and
+       OpenCV finds more regions with a larger ``delta`` on maps this small (``docs/dsm.md``). The settings were
+       measured with OpenCV 5.0 (4.x and 5.1 find about 3x more regions; a ``RuntimeWarning`` says so).
     2. OpenCV returns regions of both polarities; DSM wants high activation only (MSER+): a region is kept only if
        every pixel inside is strictly higher than every 4-neighbour outside it.
     3. VLFeat's diversity rule: regions are visited from the largest; one is dropped when the smallest kept region
