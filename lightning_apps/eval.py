@@ -721,6 +721,15 @@ def find_dsm(rerank: Reranker | None) -> DSM | None:
     return next((m for m in rerank.modules() if isinstance(m, DSM)), None)
 
 
+def _opencv_version() -> str:
+    """``cv2.__version__``, or ``"none"`` without OpenCV (the detector then fails with its own message)."""
+    try:
+        import cv2
+    except ImportError:
+        return "none"
+    return str(getattr(cv2, "__version__", "unknown"))
+
+
 def local_feature_extras(
     pipe: Pipeline,
     dsm: DSM,
@@ -732,13 +741,18 @@ def local_feature_extras(
 
     The feature maps are extracted at the DSM's scales (``dsm.scales``, exact-size batches) through the feature
     cache, each image's local features detected from its maps (:meth:`deepagg.DSM.extract`) and cached under
-    ``<cache_dir>/dsm/`` (written atomically, keyed by the maps' keys and the detector settings), so the database
+    ``<cache_dir>/dsm/`` (written atomically, keyed by the maps' keys, the detector settings and the OpenCV
+    release), so the database
     is detected once and later runs (or an interrupted one) only read them back. An image without maps (unreadable)
     gets no features.
     """
     c = pipe.cfg
+    # The OpenCV release is part of the key: MSER's regions differ between releases (5.0 against 4.x and 5.1: about
+    # 3x as many regions, docs/dsm.md), so features cached under one must not be read back under another.
     ident = json.dumps(
-        {"max_features": dsm.max_features, "detector": dsm.detector, "v": 1}, sort_keys=True, default=str
+        {"max_features": dsm.max_features, "detector": dsm.detector, "opencv": _opencv_version(), "v": 1},
+        sort_keys=True,
+        default=str,
     )
     out: dict[str, LocalFeatures] = {}
     for role, infos, boxes in (("q", q_infos, bbx), ("db", db_infos, None)):

@@ -86,6 +86,18 @@ def test_other_detector_settings_get_their_own_cache_entries(fake_root: Path) ->
     assert len(_dsm_files(fake_root)) == 24
 
 
+def test_another_opencv_release_gets_its_own_cache_entries(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MSER's regions depend on the OpenCV release: features cached under 5.0 are not read back under another.
+    import cv2
+
+    _run(DSM_RUN, fake_root, "a")
+    assert len(_dsm_files(fake_root)) == 12
+    monkeypatch.setattr(cv2, "__version__", "5.1.0")
+    with pytest.warns(RuntimeWarning, match="measured with OpenCV 5.0"):
+        _run(DSM_RUN, fake_root, "b")
+    assert len(_dsm_files(fake_root)) == 24
+
+
 def test_dsm_diffusion_runs(fake_root: Path) -> None:
     _run([*DSM_RUN, "rerank=dsm_diffusion", "rerank.diffusion.k=3", "rerank.diffusion.kq=2"], fake_root, "a")
     meta = json.loads((fake_root / "a" / "results.json").read_text())["meta"]
