@@ -627,7 +627,10 @@ def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
         f">= {TARGET_LOOP:.0f}x the per-pair loop: {'met' if info['loop_ratio'] >= TARGET_LOOP else 'not met'} "
         f"({info['loop_ratio']:.1f}x)"
     )
-    print(f"{torch.get_num_threads()} torch threads, {_cv2().getNumThreads()} OpenCV threads, {os.cpu_count()} CPUs")
+    print(
+        f"{torch.get_num_threads()} torch threads, {_cv2().getNumThreads()} OpenCV threads, {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}, OpenCV {_cv2().__version__} (the detector rows depend on the OpenCV release)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": info, "threads": torch.get_num_threads()}, indent=2))
     if args.profile:

@@ -32,6 +32,7 @@ from lightning_apps.eval import (
     ConfigError,
     Described,
     _is_int,
+    _opencv_version,
     _plain,
     build_session,
     check_config,
@@ -236,6 +237,7 @@ def run_compare(cfg: DictConfig) -> list[Row] | None:
         "precision": session.precision,
         "unreadable_database_images": len(d.failures),
         "torch": torch.__version__,
+        "opencv": _opencv_version(),  # DSM's MSER regions depend on the release (docs/dsm.md)
     }
     baseline = LABELS.get(str(c.baseline), str(c.baseline))
     kappas = list(cfg.kappas)

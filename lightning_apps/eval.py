@@ -1432,6 +1432,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         },
         "seconds": round(elapsed, 1),
         "torch": torch.__version__,
+        "opencv": _opencv_version(),  # DSM's MSER regions depend on the release (docs/dsm.md)
     }
     table = format_table(results, cfg.kappas)
     print(

@@ -41,6 +41,9 @@ def test_dsm_run_equals_the_library_on_its_features(fake_root: Path) -> None:
     out = fake_root / "a"
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["rerank"].startswith("DSM(top=100, scales=[1.0, 0.5]")
+    import cv2
+
+    assert meta["opencv"] == cv2.__version__  # the MSER release the features came from
     saved = torch.load(out / "descriptors.pt", weights_only=True)
     dsm_pt = torch.load(out / "dsm.pt", weights_only=True)
     qf = LocalFeatures.from_dict(dsm_pt["q_local_features"])
