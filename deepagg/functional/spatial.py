@@ -625,6 +625,13 @@ def _cholesky_2x2(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return l11, l21, l22
 
 
+def _expand_runs(first: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``first[k], first[k] + 1, ..., first[k] + counts[k] - 1`` concatenated: ``(run of each, position)``."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    shift = first - (torch.cumsum(counts, 0) - counts)  # a run's first position minus where it starts in the output
+    return owner, shift.index_select(0, owner) + torch.arange(len(owner), device=counts.device)
+
+
 def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Tentative correspondences (same channel) of every pair: (unit, pair, query feature, database feature).
 
@@ -653,9 +660,8 @@ def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -
         lo = torch.searchsorted(qkey_sorted, key, right=False)
         cnt = torch.searchsorted(qkey_sorted, key, right=True) - lo
     # Expand: database feature k of the list meets its cnt[k] query features qorder[lo[k]], qorder[lo[k] + 1], ...
-    rep = torch.repeat_interleave(torch.arange(len(key), device=dev), cnt)
-    run = lo - (torch.cumsum(cnt, 0) - cnt)  # lo minus the run's first position in the expanded list
-    flat_q = qorder.index_select(0, run.index_select(0, rep) + torch.arange(len(rep), device=dev))  # into q's (B*N)
+    rep, pos = _expand_runs(lo, cnt)
+    flat_q = qorder.index_select(0, pos)  # into q's (B*N)
     i_idx = flat_q % max(nqf, 1)
     p = p_idx.index_select(0, rep)
     j = j_idx.index_select(0, rep)
@@ -778,8 +784,7 @@ def spatial_match(
     flat_mask = torch.zeros(n_corr, dtype=torch.bool, device=dev)
     # 1. Score every hypothesis of every unit: the squared transfer error of hypothesis h on correspondence t is
     #    <w_h, m_t> over 12 monomials of the unit-centred coordinates (centring keeps the expanded squares small in
-    #    float32), so one bmm per chunk of units scores them all. Row n_corr is a sentinel for padding: a huge
-    #    |d|^2 term, so a padded correspondence is never an inlier (no mask pass over the T x T scores).
+    #    float32), so one bmm per chunk of units scores them all.
     cf = cnt.clamp(min=1).to(dtype)
 
     def centred(v: torch.Tensor) -> torch.Tensor:  # minus the unit's mean (correspondences are sorted by unit)
@@ -844,9 +849,8 @@ def spatial_match(
                 counts = torch.bmm(wi, mi.mT).le_(thr).sum(-1)
                 top, h = counts.max(1)  # first max
                 chosen_h[units] = torch.where(top > 0, idx.gather(1, h[:, None])[:, 0], n_corr)
-    # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list of
-    #    correspondences (segment sums by unit; no padding).
-    if len(present):
+        # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list
+        #    of correspondences (per-unit sums by CSR products; no padding).
         res = _refine(unit, cnt, chosen_h, qc, dc, ha, hb, hc, err2, lo_iters, max_scale_change)
         best, trans, flat_mask = res[0], res[1].to(dtype), res[2]
     per_pair = best.reshape(n_pairs, s * s)
@@ -914,6 +918,7 @@ def _refine(
     so every sum of a unit is taken in the same order whatever else is in the batch.
     """
     n, n_units = len(qc), len(cnt)
+    start = torch.cumsum(cnt, 0) - cnt  # each unit's first correspondence (they are sorted by unit)
     has = h < n
     hs = h.clamp(max=max(n - 1, 0))
     rqx, rqy, rdx, rdy = (v.double().contiguous() for v in (qc[:, 0], qc[:, 1], dc[:, 0], dc[:, 1]))
@@ -974,10 +979,7 @@ def _refine(
         mask = torch.where(keep, cmask, mask) if sub is None else mask.index_copy(0, sub[keep], cmask[keep])
         # Next round: the units that gained, and their correspondences (contiguous runs, in order).
         act, cnt_a = won, cnt.index_select(0, won)
-        owner = torch.repeat_interleave(torch.arange(len(won), device=qc.device), cnt_a)
-        first = torch.cumsum(cnt, 0).index_select(0, won) - cnt_a  # each run's start
-        sub = first.index_select(0, owner) + torch.arange(len(owner), device=qc.device)
-        sub = sub - (torch.cumsum(cnt_a, 0) - cnt_a).index_select(0, owner)
+        owner, sub = _expand_runs(start.index_select(0, won), cnt_a)
         xy = tuple(t.index_select(0, sub) for t in coords)
         mono_a = mono.index_select(0, sub)
     return best_cnt, params, mask
