@@ -46,6 +46,7 @@ so it ranks identically). One (k+1) x (k+1) Cholesky factorisation and one trian
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,21 +226,10 @@ def _hew_checks(
 
 
 def _weights_block(
-    x: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    lam: float,
-    variant: str,
-    center: torch.Tensor | None,
-    threshold: float,
-    method: str,
-    fast: bool = False,
-    buf: torch.Tensor | None = None,
+    x: torch.Tensor, mask: torch.Tensor | None, *, fast: bool = False, buf: torch.Tensor | None = None, **kwargs: Any
 ) -> torch.Tensor:
-    """The HeW weights :math:`(B, H, W)` of checked arguments, in the dtype of ``x``."""
-    xf = _zeroed_maps(x, mask, center, fast)
-    weights = _weights_of(xf, mask, lam=lam, variant=variant, center=center, threshold=threshold, method=method)
-    return weights.to(x.dtype)
+    """The HeW weights :math:`(B, H, W)` of checked arguments (``kwargs`` of :func:`_weights_of`), in ``x``'s dtype."""
+    return _weights_of(_zeroed_maps(x, mask, kwargs["center"], fast), mask, **kwargs).to(x.dtype)
 
 
 def _zeroed_maps(x: torch.Tensor, mask: torch.Tensor | None, center: torch.Tensor | None, fast: bool) -> torch.Tensor:
@@ -313,11 +303,11 @@ def _hew_block(
     *,
     fast: bool,
     buf: torch.Tensor | None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """HeW's weighted sums :math:`(B, C)` in the compute dtype, before the clamp and the power."""
-    xf = _zeroed_maps(x, mask, kwargs["center"], fast)  # type: ignore[arg-type]
-    return weighted_sums(xf, _weights_of(xf, mask, **kwargs), fast=fast)  # type: ignore[arg-type]
+    xf = _zeroed_maps(x, mask, kwargs["center"], fast)
+    return weighted_sums(xf, _weights_of(xf, mask, **kwargs), fast=fast)
 
 
 def hew_weights(
