@@ -747,8 +747,8 @@ def local_feature_extras(
     gets no features.
     """
     c = pipe.cfg
-    # The OpenCV release is part of the key: MSER's regions differ between releases (5.0 against 4.x and 5.1: about
-    # 3x as many regions, docs/dsm.md), so features cached under one must not be read back under another.
+    # The OpenCV release is part of the key: MSER's regions differ between releases (5.1 finds about 4x as many as
+    # 5.0, docs/dsm.md), so features cached under one must not be read back under another.
     ident = json.dumps(
         {"max_features": dsm.max_features, "detector": dsm.detector, "opencv": _opencv_version(), "v": 1},
         sort_keys=True,

@@ -44,8 +44,9 @@ _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 #: The OpenCV release whose MSER the detector's settings and the documented DSM numbers were measured with. OpenCV
 #: 5.0's MSER rejects a region when its *variation* is below ``min_diversity`` (opencv/opencv#29652, fixed in 5.1 by
-#: #29653; 4.x never had it), so it drops the most stable regions; 4.x and 5.1 find about 3x more regions with the
-#: same settings (23515 against 7910 on ``benchmarks/bench_spatial.py``'s synthetic 512-channel map), which changes
+#: #29653; 4.x never had it, per the upstream report), so it drops the most stable regions: 5.1 finds 3.9x as many
+#: regions with the same settings (7161 against 1858 on the first real 512 x 24 x 32 VGG16 map at 3 scales,
+#: ``python -m benchmarks.bench_spatial``'s detector rows; 4.x not measured here), which changes
 #: DSM's features and inlier counts. ``pyproject.toml`` requires 5.0 until the settings are re-tuned.
 _OPENCV_MEASURED = (5, 0)
 
@@ -59,7 +60,7 @@ def _cv2(fn: str = "activation_features") -> Any:
     if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) != _OPENCV_MEASURED:
         warnings.warn(
             f"{fn}(): OpenCV {version}: deepagg's MSER settings and DSM numbers were measured with OpenCV 5.0, whose "
-            "MSER drops low-variation regions (opencv/opencv#29652; 4.x and 5.1+ find about 3x more regions with "
+            "MSER drops low-variation regions (opencv/opencv#29652; 5.1 finds about 4x as many regions with "
             "the same settings, so features and inlier counts differ); pip install 'opencv-python-headless>=5.0,<5.1' "
             "to reproduce them.",
             RuntimeWarning,
@@ -296,7 +297,7 @@ def mser_regions(
        OpenCV's own ``min_diversity`` is not VLFeat's (its 0.7, the paper's value, finds no region on maps of
        30 x 40 with OpenCV 5.0, whose MSER compares it with each region's variation: opencv/opencv#29652), and
        OpenCV finds more regions with a larger ``delta`` on maps this small (``docs/dsm.md``). The settings were
-       measured with OpenCV 5.0 (4.x and 5.1 find about 3x more regions; a ``RuntimeWarning`` says so).
+       measured with OpenCV 5.0 (5.1 finds about 4x as many regions; a ``RuntimeWarning`` says so).
     2. OpenCV returns regions of both polarities; DSM wants high activation only (MSER+): a region is kept only if
        every pixel inside is strictly higher than every 4-neighbour outside it.
     3. VLFeat's diversity rule: regions are visited from the largest; one is dropped when the smallest kept region
