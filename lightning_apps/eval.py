@@ -747,10 +747,11 @@ def local_feature_extras(
     gets no features.
     """
     c = pipe.cfg
-    # The OpenCV release is part of the key: MSER's regions differ between releases (5.1 finds about 4x as many as
-    # 5.0, docs/dsm.md), so features cached under one must not be read back under another.
+    # The OpenCV release is part of the key: 4.10 to 5.1 find the same regions with deepagg's settings (docs/dsm.md),
+    # but a release that changes MSER must not read back features cached under another. v2: OpenCV's min_diversity
+    # became 0 (v1 features of OpenCV 5.0 came from its buggy MSER).
     ident = json.dumps(
-        {"max_features": dsm.max_features, "detector": dsm.detector, "opencv": _opencv_version(), "v": 1},
+        {"max_features": dsm.max_features, "detector": dsm.detector, "opencv": _opencv_version(), "v": 2},
         sort_keys=True,
         default=str,
     )

@@ -327,9 +327,8 @@ def _opencv_problem(rerank_nodes: Sequence[Any]) -> str | None:
         pass
     return (
         "the DSM re-ranker detects its local features with OpenCV's MSER, and OpenCV (cv2) is not installed. "
-        f"Fix: pip install 'opencv-python-headless>=5.0,<5.1' (the release DSM's settings were tuned on; or pip "
-        f"install 'deepagg[apps]', or {SETUP}), or leave DSM out "
-        "(mode=compare: compare.reranks without dsm and dsm_diffusion)."
+        f"Fix: pip install 'opencv-python-headless>=4.10' (or pip install 'deepagg[apps]', or {SETUP}), or leave DSM "
+        "out (mode=compare: compare.reranks without dsm and dsm_diffusion)."
     )
 
 

@@ -90,14 +90,13 @@ def test_other_detector_settings_get_their_own_cache_entries(fake_root: Path) ->
 
 
 def test_another_opencv_release_gets_its_own_cache_entries(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # MSER's regions depend on the OpenCV release: features cached under 5.0 are not read back under another.
+    # Features cached under one OpenCV release are not read back under another (a release may change MSER).
     import cv2
 
     _run(DSM_RUN, fake_root, "a")
     assert len(_dsm_files(fake_root)) == 12
-    monkeypatch.setattr(cv2, "__version__", "5.1.0")
-    with pytest.warns(RuntimeWarning, match="measured with OpenCV 5.0"):
-        _run(DSM_RUN, fake_root, "b")
+    monkeypatch.setattr(cv2, "__version__", "99.0.0")
+    _run(DSM_RUN, fake_root, "b")
     assert len(_dsm_files(fake_root)) == 24
 
 

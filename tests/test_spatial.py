@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -222,7 +221,7 @@ def ref_mser(img: np.ndarray, **kw: Any) -> list[frozenset[tuple[int, int]]]:
         min_area=min_area,
         max_area=max(min_area + 1, int(kw.get("max_area", 0.5) * h * w)),
         max_variation=kw.get("max_variation", 0.5),
-        min_diversity=kw.get("cv_min_diversity", 0.2),
+        min_diversity=0.0,  # documented: unused by grayscale MSER, and 0 turns OpenCV 5.0's bug off
     )
     regions, _ = mser.detectRegions(img)
     bright = [frozenset((int(x), int(y)) for x, y in r) for r in regions if ref_upper_level_set(img, r)]
@@ -605,10 +604,9 @@ class TestActivationFeatures(BaseTester):
         for v in (0.0, -1.0, float("nan")):
             with pytest.raises(ValueError, match=fn + r"max_variation must be > 0; got"):
                 activation_features(a, max_variation=v)
-        for name in ("min_diversity", "cv_min_diversity"):
-            for v in (-0.1, 1.0, float("nan")):
-                with pytest.raises(ValueError, match=fn + rf"{name} must be in \[0, 1\); got {v}\."):
-                    activation_features(a, **kw_of(name, v))
+        for v in (-0.1, 1.0, float("nan")):
+            with pytest.raises(ValueError, match=fn + rf"min_diversity must be in \[0, 1\); got {v}\."):
+                activation_features(a, min_diversity=v)
         with pytest.raises(ValueError, match=fn + r"scaling must be 'channel', 'image' or 'raw'; got 'max'\."):
             activation_features(a, scaling="max")
         for v in (0.0, -0.5, 1.5, float("nan")):
@@ -623,21 +621,21 @@ class TestActivationFeatures(BaseTester):
         with pytest.raises(ImportError, match=msg):
             mser_regions(np.zeros((5, 6), dtype=np.uint8))
 
-    @pytest.mark.parametrize(
-        ("version", "warns"),
-        [("5.0.0", False), ("5.0.1-dev", False), ("4.8.1", True), ("5.1.0", True), ("6.0.0", True)],
-    )
-    def test_opencv_version_warning(self, version: str, warns: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(cv2, "__version__", version)
-        msg = r"activation_features\(\): OpenCV .*: deepagg's MSER settings and DSM numbers were measured with"
-        msg += r" OpenCV 5\.0, whose MSER drops low-variation regions \(opencv/opencv#29652"
-        if warns:
-            with pytest.warns(RuntimeWarning, match=msg):
-                activation_features(torch.rand(2, 5, 6))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                activation_features(torch.rand(2, 5, 6))
+    def test_opencv_min_diversity_is_zero(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # OpenCV's min_diversity is for colour images; grayscale MSER ignores it, but OpenCV 5.0 compares it with each
+        # region's variation (opencv/opencv#29652) and drops the most stable regions: the detector must pass 0.
+        seen: list[dict[str, Any]] = []
+        real = cv2.MSER_create
+
+        def spy(**kw: Any) -> Any:
+            seen.append(kw)
+            return real(**kw)
+
+        monkeypatch.setattr(cv2, "MSER_create", spy)
+        activation_features(torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(0)))
+        mser_regions(np.zeros((5, 6), dtype=np.uint8))
+        assert len(seen) == 2
+        assert all(kw["min_diversity"] == 0.0 for kw in seen)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -669,7 +667,7 @@ MSER_SETTINGS: list[dict[str, Any]] = [
     {},
     {"delta": 2},
     {"delta": 5, "min_diversity": 0.0},
-    {"delta": 3, "min_diversity": 0.3, "cv_min_diversity": 0.5},
+    {"delta": 3, "min_diversity": 0.3},
     {"delta": 12, "min_area": 6, "max_area": 0.1},
     {"delta": 4, "max_variation": 2.0, "min_diversity": 0.5},
 ]
@@ -692,7 +690,7 @@ class TestMserRegions(BaseTester):
                 "min_area": settings.get("min_area", 2),
                 "max_area": max(settings.get("min_area", 2) + 1, int(settings.get("max_area", 0.5) * h * w)),
                 "max_variation": settings.get("max_variation", 0.5),
-                "min_diversity": settings.get("cv_min_diversity", 0.2),
+                "min_diversity": 0.0,
             }
             cv_regions, _ = cv2.MSER_create(**cv_args).detectRegions(img)
             cv_sets = {frozenset(map(tuple, r.tolist())) for r in cv_regions}
@@ -1452,8 +1450,8 @@ class TestRealPhotos(BaseTester):
         f = photo_features("vgg16", 1)
         assert f["china"].map_sizes.tolist() == [[[16, 24]]]
         pos, neg = crop_vs_unrelated(f)
-        assert pos >= 4 * neg, (pos, neg)  # measured: 26 vs 3
-        assert pos >= neg + 15, (pos, neg)
+        assert pos >= 3 * neg, (pos, neg)  # measured: 75 vs 19 (26 vs 3 with OpenCV 5.0's MSER bug, docs/dsm.md)
+        assert pos >= neg + 30, (pos, neg)
 
     @pytest.mark.slow
     @needs_deepsort
@@ -1461,7 +1459,7 @@ class TestRealPhotos(BaseTester):
         f = photo_features("mobilenet_v2", 1)
         assert f["china"].map_sizes.tolist() == [[[11, 16]]]
         pos, neg = crop_vs_unrelated(f)
-        assert pos >= 2 * neg, (pos, neg)  # measured: 36 vs 13
+        assert pos >= 2 * neg, (pos, neg)  # measured: 40 vs 12
         assert pos >= neg + 10, (pos, neg)
 
     @pytest.mark.slow
@@ -1473,7 +1471,7 @@ class TestRealPhotos(BaseTester):
         assert f["china"].num_scales == 3
         assert set(f["china"].scales[0][f["china"].mask[0]].tolist()) == {0, 1, 2}
         pos, neg = crop_vs_unrelated(f)
-        # measured: VGG16 26 vs 4, MobileNetV2 25 vs 9 (the 512 features are shared by the three scales).
+        # measured: VGG16 62 vs 11, MobileNetV2 24 vs 6 (the 512 features are shared by the three scales).
         assert pos >= 2 * neg, (pos, neg)
         assert pos >= neg + 10, (pos, neg)
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,30 +40,11 @@ _DENSE_KEYS = 1 << 22  # _correspondences: (query image, channel) tables up to t
 _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 
-#: The OpenCV release whose MSER the detector's settings and the documented DSM numbers were measured with. OpenCV
-#: 5.0's MSER rejects a region when its *variation* is below ``min_diversity`` (opencv/opencv#29652, fixed in 5.1 by
-#: #29653; 4.x never had it, per the upstream report), so it drops the most stable regions: 5.1 finds 3.9x as many
-#: regions with the same settings (7161 against 1858 on the first real 512 x 24 x 32 VGG16 map at 3 scales,
-#: ``python -m benchmarks.bench_spatial``'s detector rows; 4.x not measured here), which changes
-#: DSM's features and inlier counts. ``pyproject.toml`` requires 5.0 until the settings are re-tuned.
-_OPENCV_MEASURED = (5, 0)
-
-
 def _cv2(fn: str = "activation_features") -> Any:
     try:
         import cv2
     except ImportError:  # pragma: no cover - exercised through a monkeypatched import in the tests
         raise ImportError(f"{fn}(): the MSER detector needs OpenCV; {_OPENCV_HINT}.") from None
-    version = str(getattr(cv2, "__version__", "0.0"))
-    if tuple(int(v) for v in re.findall(r"\d+", version)[:2]) != _OPENCV_MEASURED:
-        warnings.warn(
-            f"{fn}(): OpenCV {version}: deepagg's MSER settings and DSM numbers were measured with OpenCV 5.0, whose "
-            "MSER drops low-variation regions (opencv/opencv#29652; 5.1 finds about 4x as many regions with "
-            "the same settings, so features and inlier counts differ); pip install 'opencv-python-headless>=5.0,<5.1' "
-            "to reproduce them.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     return cv2
 
 
@@ -289,15 +268,13 @@ def mser_regions(
     max_area: float = 0.5,
     max_variation: float = 0.5,
     min_diversity: float = 0.7,
-    cv_min_diversity: float = 0.2,
 ) -> list[np.ndarray]:
     """High-activation MSERs of one 8-bit map: OpenCV's MSER, only upper-level-set regions, VLFeat's diversity.
 
-    1. OpenCV's ``MSER_create(delta, min_area, max_area, max_variation, cv_min_diversity)`` proposes regions.
-       OpenCV's own ``min_diversity`` is not VLFeat's (its 0.7, the paper's value, finds no region on maps of
-       30 x 40 with OpenCV 5.0, whose MSER compares it with each region's variation: opencv/opencv#29652), and
-       OpenCV finds more regions with a larger ``delta`` on maps this small (``docs/dsm.md``). The settings were
-       measured with OpenCV 5.0 (5.1 finds about 4x as many regions; a ``RuntimeWarning`` says so).
+    1. OpenCV's ``MSER_create(delta, min_area, max_area, max_variation)`` proposes regions. Its ``min_diversity``
+       is passed as 0: OpenCV documents it for colour images only, and its grayscale MSER ignores it (4.x, 5.1),
+       except OpenCV 5.0, which rejects a region when its *variation* is below it (opencv/opencv#29652, fixed in
+       5.1): with 0 every release from 4.10 to 5.1 finds the same regions (``docs/dsm.md``).
     2. OpenCV returns regions of both polarities; DSM wants high activation only (MSER+): a region is kept only if
        every pixel inside is strictly higher than every 4-neighbour outside it.
     3. VLFeat's diversity rule: regions are visited from the largest; one is dropped when the smallest kept region
@@ -311,7 +288,6 @@ def mser_regions(
         max_area: Largest region, a fraction of the map (0.5).
         max_variation: OpenCV's largest area variation (0.5).
         min_diversity: VLFeat-style diversity (0.7, the paper's; 0 keeps every nested region).
-        cv_min_diversity: OpenCV's ``min_diversity``.
 
     Returns:
         The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, largest first (ties in OpenCV's order).
@@ -323,7 +299,6 @@ def mser_regions(
         max_area=max_area,
         max_variation=max_variation,
         min_diversity=min_diversity,
-        cv_min_diversity=cv_min_diversity,
         fn="mser_regions",
     )[0]
 
@@ -336,7 +311,6 @@ def _mser_many(
     max_area: float,
     max_variation: float,
     min_diversity: float,
-    cv_min_diversity: float,
     fn: str = "activation_features",
 ) -> list[list[np.ndarray]]:
     """:func:`mser_regions` of every map of ``maps`` :math:`(M, H, W)` uint8 (the high-activation test batched)."""
@@ -349,7 +323,7 @@ def _mser_many(
         min_area=int(min_area),
         max_area=max(int(min_area) + 1, int(max_area * h * w)),
         max_variation=float(max_variation),
-        min_diversity=float(cv_min_diversity),
+        min_diversity=0.0,  # unused by grayscale MSER, but OpenCV 5.0 compares it with the variation (#29652)
     )
     found = [mser.detectRegions(np.ascontiguousarray(m))[0] for m in maps]
     regions = [r for rs in found for r in rs]
@@ -447,7 +421,6 @@ def activation_features(
     max_area: float = 0.5,
     max_variation: float = 0.5,
     min_diversity: float = 0.7,
-    cv_min_diversity: float = 0.2,
     scaling: str = "channel",
 ) -> LocalFeatures:
     """Local features of activation maps: per-channel MSER ellipses (DSM's detector, section 3.3-3.4).
@@ -484,12 +457,11 @@ def activation_features(
         per_channel: Features per channel and scale (default 20 for queries, 10 for the database).
         max_regions: Channels with more regions than this at a scale are skipped (36).
         nms_iou: NMS threshold for database images (default 0.2); ignored for queries.
-        delta: MSER step (12; see :func:`mser_regions` for this and the next five).
+        delta: MSER step (12; see :func:`mser_regions` for this and the next four).
         min_area: Smallest region in pixels (2).
         max_area: Largest region, a fraction of the map (0.5).
         max_variation: Largest area variation (0.5).
         min_diversity: VLFeat-style diversity (0.7).
-        cv_min_diversity: OpenCV's diversity (0.2).
         scaling: ``"channel"``, ``"image"`` or ``"raw"`` (how activations become 8-bit levels).
 
     Returns:
@@ -515,9 +487,8 @@ def activation_features(
     if not 0 < max_area <= 1:
         raise ValueError(f"{fn}(): max_area must be a fraction of the map area in (0, 1]; got {max_area}.")
     check_positive(max_variation, name="max_variation", fn=fn)
-    for name, v in (("min_diversity", min_diversity), ("cv_min_diversity", cv_min_diversity)):
-        if not 0 <= v < 1:
-            raise ValueError(f"{fn}(): {name} must be in [0, 1); got {v}.")
+    if not 0 <= min_diversity < 1:
+        raise ValueError(f"{fn}(): min_diversity must be in [0, 1); got {min_diversity}.")
     if scaling not in ("channel", "image", "raw"):
         raise ValueError(f"{fn}(): scaling must be 'channel', 'image' or 'raw'; got {scaling!r}.")
     if nms_iou is None:
@@ -533,7 +504,6 @@ def activation_features(
         "max_area": max_area,
         "max_variation": max_variation,
         "min_diversity": min_diversity,
-        "cv_min_diversity": cv_min_diversity,
     }
     device = maps[0].device
     b = maps[0].shape[0]
