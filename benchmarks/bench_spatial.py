@@ -83,7 +83,7 @@ TARGET_MS, STRETCH_MS, TARGET_LOOP = 50.0, 25.0, 20.0
 ERROR = 2.0
 FEATURE_DIR = Path("~/.cache/deepagg/data/features").expanduser()
 # activation_features' MSER defaults (for the bare-OpenCV reference of the detector rows)
-MSER = {"delta": 12, "min_area": 2, "max_area": 0.5, "max_variation": 0.5, "min_diversity": 0.2}
+MSER = {"delta": 12, "min_area": 2, "max_area": 0.5, "max_variation": 0.5, "min_diversity": 0.0}
 
 
 Image = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # centres, covariances, channels, scales
@@ -629,7 +629,7 @@ def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     print(
         f"{torch.get_num_threads()} torch threads, {_cv2().getNumThreads()} OpenCV threads, {os.cpu_count()} CPUs; "
-        f"torch {torch.__version__}, OpenCV {_cv2().__version__} (the detector rows depend on the OpenCV release)"
+        f"torch {torch.__version__}, OpenCV {_cv2().__version__}"
     )
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": info, "threads": torch.get_num_threads()}, indent=2))

@@ -429,7 +429,7 @@ def activation_features(
     default: divided by the channel's own maximum and multiplied by 255, so that every channel's structure is
     found, weak channels too; ``"image"``: by the image's maximum over all channels (at that scale), so channels
     keep their relative strength, as in the authors' plain cast, and weak channels give few regions: the
-    :class:`deepagg.DSM` re-ranker's default, which ranks better; ``"raw"``: the
+    :class:`deepagg.DSM` re-ranker's default, as good and with fewer features; ``"raw"``: the
     authors' plain cast, which saturates above 255 and leaves maps of small activations flat: no region at all on
     the app's VGG16 maps, whose activations are mostly below the default delta); OpenCV's
     MSER finds regions, of which only high-activation ones are kept (:func:`mser_regions`). Each region becomes
@@ -444,9 +444,9 @@ def activation_features(
        the strongest;
     4. at most ``max_features`` per scale, then ``max_features`` over all scales, by strength.
 
-    With the defaults (``delta=12``, the authors' cap; VLFeat-style ``min_diversity=0.7``, the paper's; OpenCV's
-    own diversity 0.2), the `clutter` VGG16 maps (512 px, 3 scales) give about 260 features per database image;
-    with ``scaling="image"`` about 110, and a better DSM ranking (``docs/dsm.md``). Runs on the CPU (MSER is
+    With the defaults (``delta=12``, the authors' cap; VLFeat-style ``min_diversity=0.7``, the paper's), the
+    `clutter` VGG16 maps (512 px, 3 scales) give about 400 features per database image; with ``scaling="image"``
+    about 120, for the same DSM ranking at a third of the matching work (``docs/dsm.md``). Runs on the CPU (MSER is
     sequential); the features come back on ``A``'s device. Exempt from ``torch.compile`` (detection).
 
     Args:
