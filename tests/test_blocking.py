@@ -41,6 +41,10 @@ class TestBatchBlocks(BaseTester):
         assert batch_blocks(torch.empty(32, 512, 24, 32, dtype=torch.float16)) == 5
         assert batch_blocks(torch.empty(32, 512, 24, 32, dtype=torch.float16), itemsize=4) == 2
         assert batch_blocks(torch.empty(64, 8, 4, 4)) == 64
+        # HeW's Woodbury path asks for 16 MiB blocks (its C x C factorisations batch over a block's images).
+        assert batch_blocks(torch.empty(32, 512, 24, 32), block_bytes=16 * 2**20) == 10
+        assert batch_blocks(torch.empty(8, 512, 48, 64), block_bytes=16 * 2**20) == 2
+        assert batch_blocks(torch.empty(8, 512, 48, 64), block_bytes=1) == 1
 
     def test_one_block_off_cpu(self) -> None:
         assert batch_blocks(torch.empty(32, 512, 24, 32, device="meta")) == 32

@@ -331,10 +331,24 @@ def _kw(variant: str, center: torch.Tensor | None = None, thr: float | None = No
 
 @pytest.fixture(params=[None, 3], ids=["lapack-leaf", "recursive"])
 def spd_base(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a test twice: as shipped (these small systems are one LAPACK leaf) and with the blocked recursion of
-    ``_spd.inverse_cholesky_factor`` forced down to 3 x 3 leaves (what n = 3072 or C = 512 takes)."""
+    """Run a test twice: as shipped (these small systems are one LAPACK leaf) and with the blocked recursions of
+    ``_spd.inverse_cholesky_factor`` and ``_spd.cholesky_blocks_`` forced down to 3 x 3 leaves (what n = 3072 or
+    C = 512 takes)."""
     if request.param is not None:
         monkeypatch.setattr(_spd, "BASE", request.param)
+        monkeypatch.setattr(_spd, "SOLVE_BASE", request.param)
+
+
+def test_woodbury_blocks() -> None:
+    # The Woodbury path of "paper" (and only it) runs over larger blocks of images on CPU.
+    from deepagg.functional import heat
+
+    big = torch.empty(2, 512, 24, 32)
+    assert heat._block_bytes(big, "paper", "auto") == heat.WOODBURY_BLOCK_BYTES
+    assert heat._block_bytes(big, "paper", "woodbury") == heat.WOODBURY_BLOCK_BYTES
+    assert heat._block_bytes(big, "paper", "cholesky") is None
+    assert heat._block_bytes(big, "hewr", "auto") is None
+    assert heat._block_bytes(torch.empty(2, 512, 4, 4), "paper", "auto") is None  # n = 16 < C: n x n Cholesky
 
 
 class TestHeWWeights(BaseTester):

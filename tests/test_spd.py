@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from deepagg.functional import _spd
-from deepagg.functional._spd import block_edges, inverse_cholesky_factor, inverse_diagonal, lower_gram
+from deepagg.functional._spd import (
+    block_edges,
+    cholesky_blocks_,
+    forward_substitute_,
+    inverse_cholesky_factor,
+    inverse_diagonal,
+    lower_gram,
+)
 
 from ._base import BaseTester
 
@@ -130,3 +137,66 @@ class TestInverseCholeskyFactor(BaseTester):
         (g_full,) = torch.autograd.grad((via_full(z) * w).sum(), z)
         self.assert_close(g_lower, g_full)
         assert self.gradcheck(via_lower, (z,))
+
+
+def rhs(*batch: int, n: int, r: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*batch, n, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def ref_forward(k: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``L^-1 Z`` with ``L`` torch's Cholesky factor of each matrix, one (unbatched) matrix at a time."""
+    fk, fz = k.reshape(-1, *k.shape[-2:]), z.reshape(-1, *z.shape[-2:])
+    out = [torch.linalg.solve_triangular(torch.linalg.cholesky(a), b, upper=False) for a, b in zip(fk, fz, strict=True)]
+    return torch.stack(out).reshape(z.shape) if out else z.clone()
+
+
+class TestCholeskyBlocks(BaseTester):
+    @pytest.mark.parametrize("base", [1, 2, 3, 8, None])
+    @pytest.mark.parametrize("n", [1, 2, 7, 16, 23])
+    def test_reference(self, n: int, base: int | None) -> None:
+        k, z = spd(2, 3, n=n, seed=n), rhs(2, 3, n=n, seed=n + 1)
+        f = k.clone()
+        assert cholesky_blocks_(f, base) is f  # in place
+        y = z.clone()
+        assert forward_substitute_(f, y, base) is y
+        self.assert_close(y, ref_forward(k, z), rtol=1e-9, atol=1e-11)
+        # what HeW uses: z^T K^-1 z = ||L^-1 z||^2, column by column
+        quad = torch.einsum("...ir,...ij,...jr->...r", z, ref_inverse(k), z)
+        self.assert_close((y * y).sum(-2), quad, rtol=1e-9, atol=1e-11)
+
+    def test_default_base_is_module_constant(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        k, z = spd(n=9, seed=1), rhs(n=9, seed=2)
+        calls: list[int] = []
+        leaf = _spd._leaf
+        monkeypatch.setattr(_spd, "_leaf", lambda t: calls.append(t.shape[-1]) or leaf(t))
+        monkeypatch.setattr(_spd, "SOLVE_BASE", 3)
+        y = forward_substitute_(cholesky_blocks_(k.clone()), z.clone())
+        assert calls == [2, 2, 2, 3]  # 9 -> 4 + 5 -> (2 + 2) + (2 + 3)
+        self.assert_close(y, ref_forward(k, z), rtol=1e-9, atol=1e-11)
+
+    def test_reads_lower_triangle_only(self) -> None:
+        k, z = spd(2, n=11, seed=3), rhs(2, n=11, seed=4)
+        garbage = k.clone()
+        garbage[:, torch.ones(11, 11, dtype=torch.bool).triu(1)] = float("nan")
+        for base in (2, 4, None):
+            y = forward_substitute_(cholesky_blocks_(garbage.clone(), base), z.clone(), base)
+            self.assert_close(y, ref_forward(k, z), rtol=1e-9, atol=1e-11)
+
+    def test_not_positive_definite_is_nan_in_its_item(self) -> None:
+        k, z = spd(3, n=10, seed=5), rhs(3, n=10, seed=6)
+        k[1, 6, 6] = -5.0  # indefinite, found in the second half of the recursion
+        for base in (3, None):
+            y = forward_substitute_(cholesky_blocks_(k.clone(), base), z.clone(), base)
+            assert torch.isnan(y[1]).any()
+            self.assert_close(y[[0, 2]], ref_forward(k[[0, 2]], z[[0, 2]]), rtol=1e-9, atol=1e-11)
+
+    def test_batch_zero_and_float32(self) -> None:
+        assert forward_substitute_(cholesky_blocks_(torch.zeros(0, 5, 5), 2), torch.zeros(0, 5, 3), 2).shape == (
+            0,
+            5,
+            3,
+        )
+        k, z = spd(2, n=12, seed=7), rhs(2, n=12, seed=8)
+        y = forward_substitute_(cholesky_blocks_(k.float(), 4), z.float(), 4)
+        assert y.dtype == torch.float32
+        self.assert_close(y, ref_forward(k, z).float(), rtol=1e-4, atol=1e-5)

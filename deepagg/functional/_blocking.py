@@ -83,13 +83,14 @@ def channel_chunked(
     return tuple(torch.cat(col).view(b, c) for col in zip(*parts, strict=True))
 
 
-def batch_blocks(x: torch.Tensor, itemsize: int | None = None) -> int:
+def batch_blocks(x: torch.Tensor, itemsize: int | None = None, block_bytes: int | None = None) -> int:
     """Images per block for ``x`` of shape ``(B, ...)``: all of them off-CPU or under ``torch.compile``.
 
     Args:
         x: The batch, images along dim 0.
         itemsize: Bytes per element of the temporaries (default: that of ``x``; pass 4 when a half map is
             upcast to float32 for the computation).
+        block_bytes: Target bytes of map per block (default :data:`BLOCK_BYTES`).
 
     Returns:
         A block length in ``[1, max(B, 1)]``.
@@ -98,7 +99,7 @@ def batch_blocks(x: torch.Tensor, itemsize: int | None = None) -> int:
     if x.device.type != "cpu" or torch.compiler.is_compiling() or b <= 1:
         return max(b, 1)
     per_image = max(math.prod(x.shape[1:]), 1) * (itemsize or x.element_size())
-    return max(1, min(b, BLOCK_BYTES // per_image))
+    return max(1, min(b, (BLOCK_BYTES if block_bytes is None else block_bytes) // per_image))
 
 
 def fast_path(x: torch.Tensor) -> bool:
@@ -199,6 +200,7 @@ def blocked(
     mask: torch.Tensor | None = None,
     *,
     itemsize: int | None = None,
+    block_bytes: int | None = None,
     workspace: torch.dtype | None = None,
     crop: bool = False,
     fast_args: bool = False,
@@ -207,8 +209,9 @@ def blocked(
     """``fn(x, mask, **kwargs)`` computed over blocks of the batch and concatenated.
 
     ``fn`` must treat images independently (a padded image gives what it gives alone) and return a tensor, or
-    a tuple of tensors, with the batch along dim 0. The blocks are :func:`batch_blocks` images long; with one
-    block (GPU, compile, small batches) this is exactly one call of ``fn``.
+    a tuple of tensors, with the batch along dim 0. The blocks are :func:`batch_blocks` images long (``itemsize``
+    and ``block_bytes`` are passed on); with one block (GPU, compile, small batches) this is exactly one call of
+    ``fn``.
 
     With ``fast_args``, ``fn`` also takes ``fast`` and ``buf`` keywords. ``fast`` is :func:`fast_path` of ``x``:
     ``fn`` may then use the fast form of :func:`fill_padding`, and a masked block whose output holds a NaN (NaN
@@ -224,7 +227,7 @@ def blocked(
     padding depends on the op: a reduction over a cropped, strided view can be slower than over a full map).
     """
     fast = fast_path(x)
-    step = batch_blocks(x, itemsize)
+    step = batch_blocks(x, itemsize, block_bytes)
     flat = None
     if fast and fast_args and workspace is not None:
         flat = torch.empty(min(step, x.shape[0]) * math.prod(x.shape[1:]), dtype=workspace, device=x.device)
