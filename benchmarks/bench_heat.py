@@ -7,7 +7,8 @@
   explicit dense inverse of :math:`I - \\Lambda^{-1}P` per image (HeWR's ``get_potential_inv.m``), in the same
   process. The "paper" rows also print the GEMM roofline: the time of plain matmuls doing the multiply-adds of
   the textbook Woodbury path (:math:`Z^\\top Z` and :math:`Z G^{-1}`, 4nC^2 flops per image). deepagg's path
-  computes both products by lower block rows (2.5nC^2), so it can come in under 1.0x.
+  computes the Gram by lower block rows and :math:`L^{-1} Z^\\top` by block forward substitution (2.25nC^2
+  without autograd), so it can come in under 1.0x.
 - "paper" forced onto the n x n Cholesky path, to show what the hewr threshold costs (it rules out Woodbury).
 - "inverse diagonal": ``diag(K^-1)`` of SPD matrices (the grounded Laplacians of post-ReLU maps) by
   ``deepagg.functional._spd.inverse_diagonal`` (the blocked inverse Cholesky factor HeW's paths use) against
