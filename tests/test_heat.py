@@ -17,6 +17,7 @@ import deepagg
 from deepagg import functional as F
 from deepagg._checks import DTypeError, ShapeError
 from deepagg.functional import _blocking, _spd
+from deepagg.functional import heat as heat_module
 from deepagg.functional._blocking import batch_blocks
 from deepagg.functional.heat import heat_rerank, hew, hew_weights
 
@@ -341,14 +342,12 @@ def spd_base(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_woodbury_blocks() -> None:
     # The Woodbury path of "paper" (and only it) runs over larger blocks of images on CPU.
-    from deepagg.functional import heat
-
     big = torch.empty(2, 512, 24, 32)
-    assert heat._block_bytes(big, "paper", "auto") == heat.WOODBURY_BLOCK_BYTES
-    assert heat._block_bytes(big, "paper", "woodbury") == heat.WOODBURY_BLOCK_BYTES
-    assert heat._block_bytes(big, "paper", "cholesky") is None
-    assert heat._block_bytes(big, "hewr", "auto") is None
-    assert heat._block_bytes(torch.empty(2, 512, 4, 4), "paper", "auto") is None  # n = 16 < C: n x n Cholesky
+    assert heat_module._block_bytes(big, "paper", "auto") == heat_module.WOODBURY_BLOCK_BYTES
+    assert heat_module._block_bytes(big, "paper", "woodbury") == heat_module.WOODBURY_BLOCK_BYTES
+    assert heat_module._block_bytes(big, "paper", "cholesky") is None
+    assert heat_module._block_bytes(big, "hewr", "auto") is None
+    assert heat_module._block_bytes(torch.empty(2, 512, 4, 4), "paper", "auto") is None  # n = 16 < C: n x n
 
 
 class TestHeWWeights(BaseTester):
@@ -929,6 +928,7 @@ class TestHeW(BaseTester):
         # Issue 8: on CPU hew and hew_weights run over blocks of images (two per block here).
         x = relu_maps(5, 6, 4, 7, seed=40)
         monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+        monkeypatch.setattr(heat_module, "WOODBURY_BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
         assert batch_blocks(x) == 2
         kw = {"variant": variant, **_kw(variant, torch.full((6,), 0.3, dtype=torch.float64))}
         lam = 0.1 if variant == "hewr" else 1.0
@@ -950,6 +950,7 @@ class TestHeW(BaseTester):
         x[~mask[:, None].expand_as(x)] = float("nan")
         x[1, :, ~mask[1]] = float("inf")
         monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+        monkeypatch.setattr(heat_module, "WOODBURY_BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
         fast = hew(x, lam=1.0, mask=mask)
         exact = hew(x.clone().requires_grad_(), lam=1.0, mask=mask).detach()
         assert torch.isfinite(fast).all()
