@@ -724,6 +724,24 @@ class TestMserRegions(BaseTester):
                     assert small < big
                     assert (len(big) - len(small)) / len(big) >= 0.7
 
+    @pytest.mark.parametrize("min_diversity", [0.0, 0.3, 0.7, 0.95])
+    def test_many_maps_against_reference(self, min_diversity: float) -> None:
+        # _mser_many runs the high-activation test and VLFeat's diversity rule over all maps at once (each
+        # region's parent from its first pixel's chain, one nesting level at a time): per map as ref_mser.
+        maps = np.stack([m for m in maps_8bit() if m.shape == (24, 32)])
+        maps = np.concatenate([maps, maps[:1], np.zeros((1, 24, 32), dtype=np.uint8)])  # a repeat, an empty map
+        for delta in (2, 12):
+            got = spatial_module._mser_many(
+                maps, delta=delta, min_area=2, max_area=0.5, max_variation=0.5, min_diversity=min_diversity
+            )
+            assert len(got) == len(maps)
+            nested = 0
+            for m, regions in zip(maps, got, strict=True):
+                want = ref_mser(m, delta=delta, min_diversity=min_diversity)
+                assert [frozenset(map(tuple, r.tolist())) for r in regions] == want
+                nested += sum(a < b for a in want for b in want)
+            assert nested > 0  # the maps do have nested regions (chains), so the rule has something to decide
+
     def test_ellipses_are_region_moments(self) -> None:
         # Integer maps with channel maximum 255: the 8-bit map is the map itself (raw and channel scaling).
         maps = maps_8bit()[:3]

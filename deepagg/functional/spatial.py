@@ -223,29 +223,30 @@ def _concat_regions(regions: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return pix[:, 0], pix[:, 1], np.repeat(np.arange(len(regions)), counts), starts
 
 
-def _upper_level_sets(maps: np.ndarray, regions: Sequence[np.ndarray], owner: np.ndarray) -> np.ndarray:
-    """Which ``regions`` are components of upper level sets of their maps (region ``k`` lies in ``maps[owner[k]]``).
+def _upper_level_sets(
+    maps: np.ndarray, pixels: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], owner: np.ndarray
+) -> np.ndarray:
+    """Which regions are components of upper level sets of their maps (region ``k`` lies in ``maps[owner[k]]``).
 
-    ``maps`` :math:`(M, H, W)` uint8; each region an ``(n, 2)`` array of pixels ``(x, y)``. A component of an upper
-    level set: every pixel inside is strictly higher than every 4-neighbour outside (a high-activation region).
-    All regions at once: a neighbour is outside when its (region, pixel) key is not among the region's own keys.
+    ``maps`` :math:`(M, H, W)` uint8; ``pixels`` the regions' pixels as :func:`_concat_regions` gives them (at least
+    one region). A component of an upper level set: every pixel inside is strictly higher than every 4-neighbour
+    outside (a high-activation region). All regions at once: a neighbour is outside when its (region, pixel) key is
+    not among the region's own keys.
     """
-    if not len(regions):
-        return np.zeros(0, dtype=bool)
     _, h, w = maps.shape
-    x, y, rid, starts = _concat_regions(regions)
+    x, y, rid, starts = pixels
     flat = maps.reshape(len(maps), h * w).astype(np.int16)
     row = owner[rid]  # each pixel's map
     lin = y * w + x
     inside_min = np.minimum.reduceat(flat[row, lin], starts)
     keys = rid * (h * w) + lin
-    dense = len(regions) * h * w <= _DENSE_KEYS * 16  # a bool per (region, pixel) of the map: up to 64 MB
+    dense = len(starts) * h * w <= _DENSE_KEYS * 16  # a bool per (region, pixel) of the map: up to 64 MB
     if dense:
-        member = np.zeros(len(regions) * h * w, dtype=bool)
+        member = np.zeros(len(starts) * h * w, dtype=bool)
         member[keys] = True
     else:
         sorted_keys = np.sort(keys)
-    ring_max = np.full(len(regions), -1, dtype=np.int16)  # -1: no pixel outside (a region filling the map)
+    ring_max = np.full(len(starts), -1, dtype=np.int16)  # -1: no pixel outside (a region filling the map)
     for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
         nx, ny = x + dx, y + dy
         ok = (nx >= 0) & (nx < w) & (ny >= 0) & (ny < h)
@@ -327,26 +328,66 @@ def _mser_many(
     )
     found = [mser.detectRegions(np.ascontiguousarray(m))[0] for m in maps]
     regions = [r for rs in found for r in rs]
+    if not regions:
+        return [[] for _ in maps]
     owner = np.repeat(np.arange(len(maps)), [len(rs) for rs in found])
-    high = _upper_level_sets(maps, regions, owner)
-    out: list[list[np.ndarray]] = []
-    first = 0
-    for rs in found:
-        is_high = high[first : first + len(rs)]
-        first += len(rs)
-        bright = sorted((r for r, k in zip(rs, is_high, strict=True) if k), key=len, reverse=True)  # stable
-        # VLFeat's diversity rule: regions of one map are nested or disjoint, so one pixel tells the smallest kept
-        # region containing a region (the last one written there).
-        parent = np.full((h, w), -1, dtype=np.int64)
-        kept: list[np.ndarray] = []
-        for r in bright:
-            o = parent[r[0, 1], r[0, 0]]
-            if o >= 0 and (len(kept[o]) - len(r)) / len(kept[o]) < min_diversity:
-                continue
-            parent[r[:, 1], r[:, 0]] = len(kept)
-            kept.append(r)
-        out.append(kept)
+    pixels = _concat_regions(regions)
+    kept = _diversity_kept(pixels, owner, _upper_level_sets(maps, pixels, owner), (h, w), min_diversity)
+    out: list[list[np.ndarray]] = [[] for _ in maps]
+    for k in kept.tolist():
+        out[owner[k]].append(regions[k])
     return out
+
+
+def _diversity_kept(
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    owner: np.ndarray,
+    bright: np.ndarray,
+    shape: tuple[int, int],
+    min_diversity: float,
+) -> np.ndarray:
+    """VLFeat's diversity rule over the ``bright`` regions of all maps at once: the kept ones, in visiting order.
+
+    Per map the regions are visited from the largest (ties in OpenCV's order); one is dropped when the smallest
+    kept region containing it, ``K`` pixels, has ``(K - R) / K < min_diversity`` for its own ``R`` pixels. Regions
+    of one map are nested or disjoint, so the regions containing a region's first pixel and visited before it are
+    its ancestors, a chain: its parent is the previous one in that pixel's chain, and the decisions run one
+    nesting level at a time (a handful of levels), each over every region of that level of every map.
+    """
+    x, y, rid, starts = pixels
+    size = np.diff(np.append(starts, len(x)))
+    ids = np.flatnonzero(bright)
+    order = ids[np.lexsort((ids, -size[ids], owner[ids]))]  # visiting order: map, largest first, OpenCV's order
+    rank = np.full(len(size), -1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    # Every pixel of every bright region, sorted by (map pixel, visiting rank): each pixel's chain of regions.
+    member = np.flatnonzero(bright[rid])
+    h, w = shape
+    key = (owner[rid[member]] * h + y[member]) * w + x[member]
+    chain = np.lexsort((rank[rid[member]], key))
+    where_in_chain = np.empty(len(member), dtype=np.int64)
+    where_in_chain[chain] = np.arange(len(member))
+    first = where_in_chain[np.searchsorted(member, starts[order])]  # each region's first pixel, in the chains
+    prev = np.maximum(first - 1, 0)
+    has_parent = (first > 0) & (key[chain[prev]] == key[chain[first]])
+    parent = np.where(has_parent, rank[rid[member[chain[prev]]]], -1)  # by rank
+    # Nesting levels (a parent's rank is below its child's), then the decisions one level at a time.
+    depth = np.zeros(len(order), dtype=np.int64)
+    nested = np.flatnonzero(parent >= 0)
+    while True:
+        new = depth[parent[nested]] + 1
+        if np.array_equal(new, depth[nested]):
+            break
+        depth[nested] = new
+    keep = np.zeros(len(order), dtype=bool)
+    nearest = np.zeros(len(order), dtype=np.float64)  # pixels of the smallest kept region containing it (0: none)
+    sz = size[order].astype(np.float64)
+    for level in range(int(depth.max()) + 1 if len(order) else 0):
+        at = np.flatnonzero(depth == level)
+        k = np.where(parent[at] >= 0, nearest[np.maximum(parent[at], 0)], 0.0)
+        keep[at] = (k == 0) | ((k - sz[at]) / np.where(k > 0, k, 1.0) >= min_diversity)
+        nearest[at] = np.where(keep[at], sz[at], k)
+    return order[keep]
 
 
 def _to_uint8(a: torch.Tensor, scaling: str, image_max: torch.Tensor) -> torch.Tensor:
