@@ -340,6 +340,21 @@ def spd_base(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setattr(_spd, "SOLVE_BASE", request.param)
 
 
+def test_auto_method() -> None:
+    # Without autograd the in-place Woodbury path wins from n = C on (measured); with autograd the flop counts
+    # decide (crossover near n = 1.4 C).
+    assert heat_module._auto_method(512, 512, grad=False) == "woodbury"
+    assert heat_module._auto_method(480, 512, grad=False) == "cholesky"
+    assert heat_module._auto_method(576, 512, grad=True) == "cholesky"
+    assert heat_module._auto_method(768, 512, grad=True) == "woodbury"
+    assert heat_module._auto_method(768, 512) == "woodbury"  # the default is the autograd rule
+    x = torch.empty(2, 512, 24, 24)  # n = 576: Woodbury (and its blocks) only without autograd
+    assert heat_module._block_bytes(x, "paper", "auto") == heat_module.WOODBURY_BLOCK_BYTES
+    assert heat_module._block_bytes(x.requires_grad_(), "paper", "auto") is None
+    with torch.no_grad():
+        assert heat_module._block_bytes(x, "paper", "auto") == heat_module.WOODBURY_BLOCK_BYTES
+
+
 def test_woodbury_blocks() -> None:
     # The Woodbury path of "paper" (and only it) runs over larger blocks of images on CPU.
     big = torch.empty(2, 512, 24, 32)

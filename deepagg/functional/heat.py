@@ -103,19 +103,27 @@ def _inv_norms(f: torch.Tensor, keep: torch.Tensor, buf: torch.Tensor | None = N
     return torch.where(ok, torch.rsqrt(torch.where(ok, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def _auto_method(n: int, c: int) -> str:
-    r"""The cheaper exact path of ``variant="paper"`` for n positions and C channels, by flop count.
+def _auto_method(n: int, c: int, grad: bool = True) -> str:
+    r"""The faster exact path of ``variant="paper"`` for n positions and C channels.
 
-    Dense: half the Gram :math:`n^2C` + the inverse Cholesky factor :math:`\approx 2n^3/3`; Woodbury:
-    :math:`2.5nC^2 + 2C^3/3` (both as computed below, with the blocked lower-triangle products).
+    With autograd, by flop count: dense, half the Gram :math:`n^2C` + the inverse Cholesky factor
+    :math:`\approx 2n^3/3`; Woodbury: :math:`2.5nC^2 + 2C^3/3` (both as computed below, with the blocked
+    lower-triangle products). Without autograd (the in-place Woodbury path, about half the factor's products) by
+    the measured crossover, Woodbury from n = C on: ad-hoc timings on 2 Intel cores (2026-12-02) of both paths at
+    C = 256 (n = 192 / 256 / 320: 6.1 / 6.3 / 5.3 ms against 4.3 / 7.8 / 10.8), C = 512 (n = 480 / 576 / 672: 23.3
+    / 26.3 / 28.4 against 22.4 / 33.8 / 42.5) and C = 1280 (n = 768 / 1280: 79 / 117 against 38 / 130); the flop
+    counts put the crossover near n = 1.4 C.
     """
+    if not grad:
+        return "woodbury" if n >= c else "cholesky"
     return "woodbury" if 2.5 * n * c * c + 2 * c**3 / 3 < n * n * c + 2 * n**3 / 3 else "cholesky"
 
 
 def _block_bytes(x: torch.Tensor, variant: str, method: str) -> int | None:
     """:data:`WOODBURY_BLOCK_BYTES` where the Woodbury path of "paper" runs, else None (``_blocking``'s default)."""
     c, n = x.shape[1], x.shape[2] * x.shape[3]
-    woodbury = method == "woodbury" or (method == "auto" and _auto_method(n, c) == "woodbury")
+    grad = x.requires_grad and torch.is_grad_enabled()
+    woodbury = method == "woodbury" or (method == "auto" and _auto_method(n, c, grad) == "woodbury")
     return WOODBURY_BLOCK_BYTES if variant == "paper" and woodbury else None
 
 
@@ -123,7 +131,7 @@ def _paper_weights(f: torch.Tensor, valid: torch.Tensor, lam: float, method: str
     """``w = lam * diag(K^-1)`` on the valid non-zero positions (0 elsewhere); f: (B, C, n) features."""
     c, n = f.shape[-2], f.shape[-1]
     if method == "auto":
-        method = _auto_method(n, c)
+        method = _auto_method(n, c, f.requires_grad)
     grad = f.requires_grad
     # Without autograd one map-sized work buffer serves the squares and then the scaled features: every fresh
     # map-sized allocation costs page faults on a CPU (glibc hands buffers this large back to the OS).
@@ -368,8 +376,9 @@ def hew_weights(
     when no position of an image is connected every valid position gets weight 1 (plain sum pooling).
 
     Paths (``method``): ``"cholesky"`` factorises the n x n system; ``"woodbury"`` (``variant="paper"`` only)
-    factorises a C x C one, :math:`O(nC^2)`; ``"auto"`` picks the cheaper by shape for ``"paper"`` and the
-    Cholesky path for ``"hewr"`` (the only exact one once the threshold has broken the low-rank structure).
+    factorises a C x C one, :math:`O(nC^2)`; ``"auto"`` picks the faster by shape for ``"paper"`` (without
+    autograd Woodbury from n = C on, as measured; with autograd by flop count) and the Cholesky path for
+    ``"hewr"`` (the only exact one once the threshold has broken the low-rank structure).
     Every path is exact (float64: equal to the dense inverse to ~1e-12) and differentiable with respect to
     ``x`` (and ``center``); the hewr threshold and the isolated-node rule are piecewise. Batched over images;
     a padded batch with ``mask`` equals its images alone. Computed in at least float32; returned in the dtype
