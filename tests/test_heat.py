@@ -951,10 +951,12 @@ class TestHeW(BaseTester):
         weights = hew_weights(x, lam=lam, **kw)
         self.assert_close(weights, torch.cat([hew_weights(img[None], lam=lam, **kw) for img in x]))
 
+    @pytest.mark.parametrize("two_per_block", [True, False], ids=["2-image-blocks", "one-block"])
     @pytest.mark.parametrize("rectangle", [True, False], ids=["padded", "irregular-mask"])
-    def test_cpu_padded_blocks(self, rectangle: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-        # No autograd: padded images cropped to their rectangles, or the padding filled by a clamp (NaN garbage
-        # sends a block through torch.where); both equal the batched autograd form.
+    def test_cpu_padded_blocks(self, rectangle: bool, two_per_block: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        # No autograd: padded images cropped to their rectangles (blocks of at most 4 images), or the padding filled
+        # by a clamp (NaN garbage sends a block through torch.where; one block of 5 images, as the Woodbury path's
+        # large blocks run); both equal the batched autograd form.
         sizes = [(4, 7), (3, 7), (4, 5), (2, 2), (4, 6)]
         x = relu_maps(5, 6, 4, 7, seed=41)
         mask = torch.zeros(5, 4, 7, dtype=torch.bool)
@@ -964,8 +966,9 @@ class TestHeW(BaseTester):
             mask[0, 1, 2] = False
         x[~mask[:, None].expand_as(x)] = float("nan")
         x[1, :, ~mask[1]] = float("inf")
-        monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
-        monkeypatch.setattr(heat_module, "WOODBURY_BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+        if two_per_block:
+            monkeypatch.setattr(_blocking, "BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
+            monkeypatch.setattr(heat_module, "WOODBURY_BLOCK_BYTES", 2 * x[0].numel() * x.element_size())
         fast = hew(x, lam=1.0, mask=mask)
         exact = hew(x.clone().requires_grad_(), lam=1.0, mask=mask).detach()
         assert torch.isfinite(fast).all()
