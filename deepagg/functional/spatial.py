@@ -315,10 +315,42 @@ def _mser_many(
     fn: str = "activation_features",
 ) -> list[list[np.ndarray]]:
     """:func:`mser_regions` of every map of ``maps`` :math:`(M, H, W)` uint8 (the high-activation test batched)."""
+    out: list[list[np.ndarray]] = [[] for _ in maps]
+    found = _mser_kept(
+        maps,
+        delta=delta,
+        min_area=min_area,
+        max_area=max_area,
+        max_variation=max_variation,
+        min_diversity=min_diversity,
+        fn=fn,
+    )
+    if found is not None:
+        regions, owner, _, kept = found
+        for k in kept.tolist():
+            out[owner[k]].append(regions[k])
+    return out
+
+
+def _mser_kept(
+    maps: np.ndarray,
+    *,
+    delta: int,
+    min_area: int,
+    max_area: float,
+    max_variation: float,
+    min_diversity: float,
+    fn: str,
+) -> tuple[list[np.ndarray], np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None:
+    """OpenCV's regions of every map, each region's map, their pixels (:func:`_concat_regions`) and the kept ones.
+
+    The kept regions are the high-activation ones that pass VLFeat's diversity rule, as indices into the regions,
+    in :func:`mser_regions`' order (map by map, largest first). None when no map has a region.
+    """
     cv2 = _cv2(fn)
     _, h, w = maps.shape
     if h < 3 or w < 3:  # OpenCV refuses maps under 3 x 3; no stable region fits in one anyway
-        return [[] for _ in maps]
+        return None
     mser = cv2.MSER_create(
         delta=int(delta),
         min_area=int(min_area),
@@ -329,14 +361,22 @@ def _mser_many(
     found = [mser.detectRegions(np.ascontiguousarray(m))[0] for m in maps]
     regions = [r for rs in found for r in rs]
     if not regions:
-        return [[] for _ in maps]
+        return None
     owner = np.repeat(np.arange(len(maps)), [len(rs) for rs in found])
     pixels = _concat_regions(regions)
     kept = _diversity_kept(pixels, owner, _upper_level_sets(maps, pixels, owner), (h, w), min_diversity)
-    out: list[list[np.ndarray]] = [[] for _ in maps]
-    for k in kept.tolist():
-        out[owner[k]].append(regions[k])
-    return out
+    return regions, owner, pixels, kept
+
+
+def _select_regions(
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of regions ``ids`` (in that order) in :func:`_concat_regions`' form, taken from ``pixels``."""
+    x, y, _, starts = pixels
+    size = np.diff(np.append(starts, len(x)))[ids]
+    new_starts = np.cumsum(size) - size
+    idx = np.repeat(starts[ids] - new_starts, size) + np.arange(int(size.sum()))
+    return x[idx], y[idx], np.repeat(np.arange(len(ids)), size), new_starts
 
 
 def _diversity_kept(
@@ -410,19 +450,16 @@ def _detect_one(
     a = a.detach().float().cpu()
     u8 = _to_uint8(a, scaling, a.max() if a.numel() else torch.tensor(0.0)).numpy()
     raw = a.numpy()
-    regions: list[np.ndarray] = []
-    chan_list: list[int] = []
     lit = np.flatnonzero(u8.reshape(u8.shape[0], -1).max(1) > 0)  # channels with any activation
-    for c, found in zip(lit.tolist(), _mser_many(u8[lit], **mser), strict=True):
-        regions.extend(found)
-        chan_list.extend([c] * len(found))
-    if not regions:
+    found = _mser_kept(u8[lit], fn="activation_features", **mser)
+    if found is None or not len(found[3]):
         z = np.zeros
         return z((0, 2)), z((0, 2, 2)), z(0), z(0, dtype=np.int64), z((0, 4))
-    # Every region's ellipse at once: mean and covariance of its pixel coordinates, largest raw activation.
-    x, y, rid, starts = _concat_regions(regions)
+    _, owner, pixels, kept = found
+    # Every kept region's ellipse at once: mean and covariance of its pixel coordinates, largest raw activation.
+    x, y, rid, starts = _select_regions(pixels, kept)
     n = np.diff(np.append(starts, len(x))).astype(np.float64)
-    chan = np.asarray(chan_list, dtype=np.int64)
+    chan = lit[owner[kept]]
     mu = np.stack([np.add.reduceat(x.astype(np.float64), starts), np.add.reduceat(y.astype(np.float64), starts)], 1)
     mu /= n[:, None]
     dx, dy = x - mu[rid, 0], y - mu[rid, 1]
