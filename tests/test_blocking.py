@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,8 +13,11 @@ from deepagg.functional._blocking import (
     batch_blocks,
     blocked,
     channel_chunked,
+    chunk_bytes,
+    cpu_vendor,
     fast_path,
     fill_padding,
+    l2_cache_bytes,
     rectangles,
     valid_counts,
     weighted_sums,
@@ -269,3 +274,40 @@ class TestWeightedSums(BaseTester):
         x = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
         w = torch.rand(2, 4, 5, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda a, b: weighted_sums(a, b, fast=False), (x, w))
+
+
+class TestMachineConstants:
+    @staticmethod
+    def _sysfs(root: Path, caches: list[tuple[str, str, str]]) -> Path:
+        for i, (level, kind, size) in enumerate(caches):
+            d = root / f"index{i}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "type").write_text(f"{kind}\n")
+            (d / "size").write_text(f"{size}\n")
+        return root
+
+    def test_l2_cache_bytes(self, tmp_path: Path) -> None:
+        amd = [("1", "Data", "32K"), ("1", "Instruction", "32K"), ("2", "Unified", "512K"), ("3", "Unified", "32768K")]
+        assert l2_cache_bytes(self._sysfs(tmp_path / "amd", amd)) == 512 * 2**10
+        intel = [("1", "Data", "48K"), ("2", "Unified", "2M"), ("3", "Unified", "105M")]
+        assert l2_cache_bytes(self._sysfs(tmp_path / "intel", intel)) == 2 * 2**20
+        assert l2_cache_bytes(self._sysfs(tmp_path / "no_l2", [("1", "Data", "32K")])) is None
+        assert l2_cache_bytes(tmp_path / "missing") is None
+        assert l2_cache_bytes(self._sysfs(tmp_path / "bad", [("2", "Unified", "lots")])) is None
+
+    def test_chunk_bytes(self) -> None:
+        assert chunk_bytes(2 * 2**20) == 768 * 2**10  # Intel Xeon, 2 MiB L2 per core: chunks stay in L2
+        assert chunk_bytes(4 * 2**20) == 3 * 2**19
+        assert chunk_bytes(512 * 2**10) == _blocking.BLOCK_BYTES  # AMD EPYC, 512 KiB L2: L3-sized chunks
+        assert chunk_bytes(None) == 768 * 2**10
+        assert chunk_bytes(l2_cache_bytes()) == _blocking.CHUNK_BYTES  # this machine's, set at import
+
+    def test_cpu_vendor(self, tmp_path: Path) -> None:
+        info = tmp_path / "cpuinfo"
+        info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+        assert cpu_vendor(info) == "AuthenticAMD"
+        info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # arm64: no vendor_id
+        assert cpu_vendor(info) is None
+        assert cpu_vendor(tmp_path / "missing") is None
+        assert (cpu_vendor() in (None, "GenuineIntel")) == _blocking.MV_FAST

@@ -651,6 +651,28 @@ class TestSPoC(BaseTester):
         torch.testing.assert_close(F.spoc(x, mask=mask), expected, rtol=0.0, atol=0.0)
         torch.testing.assert_close(deepagg.SPoC()(x, mask), torch.full((2, 64), 0.125, dtype=torch.float16))
 
+    @pytest.mark.parametrize("mv_fast", [True, False], ids=["mv", "crop"])
+    @pytest.mark.parametrize("garbage", [50.0, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
+    def test_padded_cpu_forms(self, mv_fast: bool, garbage: float, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Both CPU forms of a padded batch, whichever this machine takes (_blocking.MV_FAST: one masked
+        # matrix-vector product per image on Intel, each image's valid rectangle summed alone elsewhere), against
+        # the float64 mean of each image alone; the mv form is taken only where mv is fast.
+        sizes = [(7, 9), (5, 9), (7, 4), (3, 3), (6, 8)]
+        imgs = [_relu_maps(1, 6, h, w, seed=170 + i) for i, (h, w) in enumerate(sizes)]
+        batch = torch.full((len(sizes), 6, 7, 9), garbage, dtype=torch.float32)
+        mask = torch.zeros(len(sizes), 7, 9, dtype=torch.bool)
+        for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
+            batch[i, :, :h, :w] = img[0]
+            mask[i, :h, :w] = True
+        calls = []
+        real = pooling.weighted_sums
+        monkeypatch.setattr(pooling, "weighted_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(_blocking, "MV_FAST", mv_fast)
+        out = F.spoc(batch, mask=mask)
+        assert len(calls) == int(mv_fast)
+        expected = torch.cat([img.mean(dim=(-2, -1)) for img in imgs])
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-7)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # CPU speed forms (issue 8): blocks of images, a workspace, fast padding fill, crops, GeM's unscaled sums
