@@ -12,12 +12,12 @@ from deepagg.functional import _blocking
 from deepagg.functional._blocking import (
     batch_blocks,
     blocked,
+    cache_bytes,
     channel_chunked,
     chunk_bytes,
     cpu_vendor,
     fast_path,
     fill_padding,
-    l2_cache_bytes,
     rectangles,
     valid_counts,
     weighted_sums,
@@ -287,21 +287,24 @@ class TestMachineConstants:
             (d / "size").write_text(f"{size}\n")
         return root
 
-    def test_l2_cache_bytes(self, tmp_path: Path) -> None:
-        amd = [("1", "Data", "32K"), ("1", "Instruction", "32K"), ("2", "Unified", "512K"), ("3", "Unified", "32768K")]
-        assert l2_cache_bytes(self._sysfs(tmp_path / "amd", amd)) == 512 * 2**10
+    def test_cache_bytes(self, tmp_path: Path) -> None:
+        amd = [("1", "Instruction", "32K"), ("1", "Data", "32K"), ("2", "Unified", "512K"), ("3", "Unified", "32768K")]
+        root = self._sysfs(tmp_path / "amd", amd)
+        assert cache_bytes(1, root) == 32 * 2**10  # the data cache, not the instruction cache listed first
+        assert cache_bytes(2, root) == 512 * 2**10
+        assert cache_bytes(3, root) == 32 * 2**20
         intel = [("1", "Data", "48K"), ("2", "Unified", "2M"), ("3", "Unified", "105M")]
-        assert l2_cache_bytes(self._sysfs(tmp_path / "intel", intel)) == 2 * 2**20
-        assert l2_cache_bytes(self._sysfs(tmp_path / "no_l2", [("1", "Data", "32K")])) is None
-        assert l2_cache_bytes(tmp_path / "missing") is None
-        assert l2_cache_bytes(self._sysfs(tmp_path / "bad", [("2", "Unified", "lots")])) is None
+        assert cache_bytes(2, self._sysfs(tmp_path / "intel", intel)) == 2 * 2**20
+        assert cache_bytes(2, self._sysfs(tmp_path / "no_l2", [("1", "Data", "32K")])) is None
+        assert cache_bytes(2, tmp_path / "missing") is None
+        assert cache_bytes(2, self._sysfs(tmp_path / "bad", [("2", "Unified", "lots")])) is None
 
     def test_chunk_bytes(self) -> None:
         assert chunk_bytes(2 * 2**20) == 768 * 2**10  # Intel Xeon, 2 MiB L2 per core: chunks stay in L2
         assert chunk_bytes(4 * 2**20) == 3 * 2**19
         assert chunk_bytes(512 * 2**10) == _blocking.BLOCK_BYTES  # AMD EPYC, 512 KiB L2: L3-sized chunks
         assert chunk_bytes(None) == 768 * 2**10
-        assert chunk_bytes(l2_cache_bytes()) == _blocking.CHUNK_BYTES  # this machine's, set at import
+        assert chunk_bytes(cache_bytes(2)) == _blocking.CHUNK_BYTES  # this machine's, set at import
 
     def test_cpu_vendor(self, tmp_path: Path) -> None:
         info = tmp_path / "cpuinfo"

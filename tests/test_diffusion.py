@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from deepagg._checks import DTypeError, ShapeError
+from deepagg.functional import diffusion
 from deepagg.functional.diffusion import (
     DiffusionOperator,
+    cg_columns,
     diffusion_scores,
     gmp_weights,
     knn_lists,
@@ -528,6 +530,37 @@ class TestDiffusionOperator(BaseTester):
         assert res.shape == (3,)
         f20, _ = op.solve(y)
         self.assert_close(f20, diffusion_scores(a, y, alpha=0.9))
+
+    def test_cg_columns(self) -> None:
+        mib = 2**20
+        assert cg_columns(100000, 70, 4, 32 * mib) == 18  # 20 fit in 32 MiB: 4 groups, of 18 (the last of 16)
+        assert cg_columns(100000, 70, 4, 16 * mib) == 10  # 10 fit: 7 groups of 10
+        assert cg_columns(100000, 70, 8, 32 * mib) == 10  # float64
+        assert cg_columns(5000, 70, 4, 32 * mib) == 70  # all 70 fit: one call
+        assert cg_columns(10**6, 70, 4, 32 * mib) == 70  # fewer than 8 would fit: one call
+        assert cg_columns(100000, 70, 4, None) == 70  # unknown cache
+        assert cg_columns(100000, 8, 4, 32 * mib) == 8
+        assert cg_columns(0, 5, 4, 32 * mib) == 5
+
+    def test_column_groups_give_the_same_bits(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # With a "cache" that holds 9 columns of this graph, 30 right-hand sides go through 4 CG calls of 8, 8, 8, 6
+        # columns; each column's result is the same bits as in one call of all 30.
+        a = random_graph(200, 0.05, 11, isolated=(7,))
+        y = random_seeds(200, 30, 5, 12).float()
+        op = DiffusionOperator(a.to_sparse().float(), alpha=0.99)
+        monkeypatch.setattr(diffusion, "L3_BYTES", None)
+        whole, res_whole = op.solve(y)
+        calls: list[int] = []
+        real = diffusion.conjugate_gradient
+        monkeypatch.setattr(
+            diffusion, "conjugate_gradient", lambda mv, b, **k: calls.append(b.shape[1]) or real(mv, b, **k)
+        )
+        monkeypatch.setattr(diffusion, "L3_BYTES", 4 * 200 * 4 * 9)
+        grouped, res_grouped = op.solve(y)
+        assert calls == [8, 8, 8, 6]
+        assert torch.equal(grouped, whole)
+        assert torch.equal(res_grouped, res_whole)
+        self.assert_close(grouped.double(), ref_diffusion(a, y.double(), 0.99), rtol=1e-3, atol=1e-4)
 
     def test_exception(self) -> None:
         for alpha in (0.0, 1.0, 1.5, -0.1, float("nan"), True):

@@ -39,12 +39,12 @@ __all__ = [
     "MV_FAST",
     "batch_blocks",
     "blocked",
+    "cache_bytes",
     "channel_chunked",
     "chunk_bytes",
     "cpu_vendor",
     "fast_path",
     "fill_padding",
-    "l2_cache_bytes",
     "rectangles",
     "valid_counts",
     "weighted_sums",
@@ -62,13 +62,13 @@ CROP_IMAGES = 4
 T = TypeVar("T", torch.Tensor, tuple[torch.Tensor, ...])
 
 
-def l2_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """The first CPU's level-2 data (or unified) cache in bytes, from Linux's sysfs; None where unknown."""
+def cache_bytes(level: int, root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The first CPU's data (or unified) cache of ``level`` in bytes, from Linux's sysfs; None where unknown."""
     try:
         for index in sorted(Path(root).glob("index*")):
-            level = (index / "level").read_text().strip()
+            found = (index / "level").read_text().strip()
             kind = (index / "type").read_text().strip()
-            if level == "2" and kind in ("Data", "Unified"):
+            if found == str(level) and kind in ("Data", "Unified"):
                 size = (index / "size").read_text().strip().upper()  # e.g. "512K", "2048K", "2M"
                 unit = {"K": 2**10, "M": 2**20}.get(size[-1:], 1)
                 return int(size.rstrip("KM")) * unit
@@ -94,7 +94,7 @@ def chunk_bytes(l2: int | None) -> int:
 
 #: Target size in bytes of one chunk of channel maps for :func:`channel_chunked` (see :func:`chunk_bytes`): set
 #: once from this machine's L2 cache.
-CHUNK_BYTES = chunk_bytes(l2_cache_bytes())
+CHUNK_BYTES = chunk_bytes(cache_bytes(2))
 
 
 def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
