@@ -100,6 +100,20 @@ def _relu_maps(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -
     return torch.relu(x + 0.4).to(dtype)
 
 
+def _garbage_padded(
+    garbage: float, dtype: torch.dtype, seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Five float64 images of 6 channels and sizes 7x9 ... 3x3, and their batch padded to 7 x 9 with ``garbage``."""
+    sizes = [(7, 9), (5, 9), (7, 4), (3, 3), (6, 8)]
+    imgs = [_relu_maps(1, 6, h, w, seed=seed + i) for i, (h, w) in enumerate(sizes)]
+    batch = torch.full((len(sizes), 6, 7, 9), garbage, dtype=dtype)
+    mask = torch.zeros(len(sizes), 7, 9, dtype=torch.bool)
+    for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
+        batch[i, :, :h, :w] = img[0]
+        mask[i, :h, :w] = True
+    return imgs, batch, mask
+
+
 def _batched_ref(spec: PoolSpec, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.zeros(0, x.shape[1], dtype=torch.float64)
@@ -657,13 +671,7 @@ class TestSPoC(BaseTester):
         # Both CPU forms of a padded batch, whichever this machine takes (_blocking.MV_FAST: one masked
         # matrix-vector product per image on Intel, each image's valid rectangle summed alone elsewhere), against
         # the float64 mean of each image alone; the mv form is taken only where mv is fast.
-        sizes = [(7, 9), (5, 9), (7, 4), (3, 3), (6, 8)]
-        imgs = [_relu_maps(1, 6, h, w, seed=170 + i) for i, (h, w) in enumerate(sizes)]
-        batch = torch.full((len(sizes), 6, 7, 9), garbage, dtype=torch.float32)
-        mask = torch.zeros(len(sizes), 7, 9, dtype=torch.bool)
-        for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
-            batch[i, :, :h, :w] = img[0]
-            mask[i, :h, :w] = True
+        imgs, batch, mask = _garbage_padded(garbage, torch.float32, seed=170)
         calls = []
         real = pooling.weighted_sums
         monkeypatch.setattr(pooling, "weighted_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -706,13 +714,7 @@ class TestBlockedCPU(BaseTester):
     ) -> None:
         # No autograd: the CPU forms (padded images cropped, or the padding filled by a clamp; a NaN left there
         # sends its block through torch.where).
-        sizes = [(7, 9), (5, 9), (7, 4), (3, 3), (6, 8)]
-        imgs = [_relu_maps(1, 6, h, w, seed=70 + i) for i, (h, w) in enumerate(sizes)]
-        batch = torch.full((len(sizes), 6, 7, 9), garbage, dtype=torch.float64)
-        mask = torch.zeros(len(sizes), 7, 9, dtype=torch.bool)
-        for i, (img, (h, w)) in enumerate(zip(imgs, sizes, strict=True)):
-            batch[i, :, :h, :w] = img[0]
-            mask[i, :h, :w] = True
+        imgs, batch, mask = _garbage_padded(garbage, torch.float64, seed=70)
         _two_per_block(monkeypatch, batch)
         padded = spec.fn(batch, mask=mask)
         single = torch.cat([spec.fn(img) for img in imgs])
