@@ -669,7 +669,7 @@ class TestSPoC(BaseTester):
     @pytest.mark.parametrize("garbage", [50.0, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
     def test_padded_cpu_forms(self, mv_fast: bool, garbage: float, monkeypatch: pytest.MonkeyPatch) -> None:
         # Both CPU forms of a padded batch, whichever this machine takes (_blocking.MV_FAST: one masked
-        # matrix-vector product per image on Intel, each image's valid rectangle summed alone elsewhere), against
+        # matrix-vector product per image on Intel, blocked()'s cropping path elsewhere), against
         # the float64 mean of each image alone; the mv form is taken only where mv is fast.
         imgs, batch, mask = _garbage_padded(garbage, torch.float32, seed=170)
         calls = []

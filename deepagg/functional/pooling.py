@@ -145,22 +145,14 @@ def spoc(x: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
     dtype = _compute_dtype(x)
     if mask is None and x.dtype == dtype:
         return x.mean(dim=(-2, -1))  # one reduction, no temporary: nothing to block
-    if mask is not None and x.dtype == dtype and fast_path(x) and x.shape[0] > 0:
-        if _blocking.MV_FAST:
-            # Eager CPU with a fast torch.mv (Intel): the whole padded maps weighted by their 0/1 masks (one
-            # matrix-vector product per image, which reads each map once at full speed; cropped reductions ran at
-            # about half of it there). Inf or NaN garbage in the padding gives NaN (0 * inf): then the cropping
-            # path below.
-            total = weighted_sums(x, mask.to(dtype), fast=True)
-            if not bool(torch.isnan(total).any()):
-                return (total / valid_counts(mask, dtype)[:, None]).to(x.dtype)
-        elif (sizes := rectangles(mask)) is not None:
-            # Elsewhere (AMD: MKL's mv reads at about half the speed of a plain sum, _blocking.MV_FAST) each
-            # image's valid rectangle is summed alone as a strided view: the padding is never read, and the
-            # counts come from the rectangles (measured about 15% below a loop of cropped means on 2 AMD EPYC
-            # cores, where the mv form was 10-30% above it).
-            total = torch.stack([x[i, :, :h, :w].sum(dim=(-2, -1)) for i, (h, w) in enumerate(sizes)])
-            return (total / torch.tensor([h * w for h, w in sizes], dtype=dtype)[:, None]).to(x.dtype)
+    if mask is not None and x.dtype == dtype and fast_path(x) and _blocking.MV_FAST:
+        # Eager CPU with a fast torch.mv (Intel): the whole padded maps weighted by their 0/1 masks (one
+        # matrix-vector product per image, which reads each map once at full speed; cropped reductions ran at
+        # about half of it there). Elsewhere (AMD: MKL's mv is slow, _blocking.MV_FAST) the cropping path below is
+        # the faster one. Inf or NaN garbage in the padding gives NaN (0 * inf): then the cropping path below.
+        total = weighted_sums(x, mask.to(dtype), fast=True)
+        if not bool(torch.isnan(total).any()):
+            return (total / valid_counts(mask, dtype)[:, None]).to(x.dtype)
     # Padded maps: each image's valid rectangle summed alone (crop=True) measured faster than zeroing the padding
     # into a buffer and summing it; a buffer is needed only to upcast half maps.
     workspace = dtype if x.dtype != dtype else None
