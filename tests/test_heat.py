@@ -347,7 +347,6 @@ def test_auto_method() -> None:
     assert heat_module._auto_method(480, 512, grad=False) == "cholesky"
     assert heat_module._auto_method(576, 512, grad=True) == "cholesky"
     assert heat_module._auto_method(768, 512, grad=True) == "woodbury"
-    assert heat_module._auto_method(768, 512) == "woodbury"  # the default is the autograd rule
     x = torch.empty(2, 512, 24, 24)  # n = 576: Woodbury (and its blocks) only without autograd
     assert heat_module._block_bytes(x, "paper", "auto") == heat_module.WOODBURY_BLOCK_BYTES
     assert heat_module._block_bytes(x.requires_grad_(), "paper", "auto") is None

@@ -103,7 +103,7 @@ def _inv_norms(f: torch.Tensor, keep: torch.Tensor, buf: torch.Tensor | None = N
     return torch.where(ok, torch.rsqrt(torch.where(ok, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def _auto_method(n: int, c: int, grad: bool = True) -> str:
+def _auto_method(n: int, c: int, grad: bool) -> str:
     r"""The faster exact path of ``variant="paper"`` for n positions and C channels.
 
     With autograd, by flop count: dense, half the Gram :math:`n^2C` + the inverse Cholesky factor
