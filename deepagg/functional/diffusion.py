@@ -458,7 +458,7 @@ def cg_columns(n: int, q: int, itemsize: int, l3: int | None) -> int:
     iterations (``benchmarks/bench_diffusion.py``'s graph; ad hoc, 3 interleaved runs): all at once 1.57-1.96 s,
     groups of 35 1.47-1.68 s, 24 1.35-1.53 s, 18 (this rule) 1.34-1.44 s, 14 1.49-1.70 s.
     """
-    if l3 is None or q <= 8:
+    if l3 is None:
         return q
     width = l3 // (4 * max(n, 1) * itemsize)
     if width < 8 or width >= q:
