@@ -880,24 +880,34 @@ def spatial_match(
     # chosen transform's inliers are counted directly below, in float64 and raw coordinates.
     thr = err2 * (1 + 1e-3) + 1e-6
     if len(present):
-        # Units padded to a few sizes (multiples of 8, then steps of 1/4), in chunks of <= chunk_elements scores.
+        # Units padded to a few sizes (multiples of 8, then steps of 1/4), sorted by padded size, and every unit's
+        # padded rows of w and mono gathered at once; then one bmm per chunk of <= chunk_elements scores of a size.
         sizes = cnt[present]
         padded = torch.where(sizes <= 32, (sizes + 7) // 8 * 8, _geometric_ceil(sizes))
-        for t in torch.unique(padded).tolist():
-            units_all = present[padded == t]
+        by_size = torch.argsort(padded, stable=True)
+        units_sorted, t_sorted = present.index_select(0, by_size), padded.index_select(0, by_size)
+        owner, pos = _expand_runs(torch.zeros_like(t_sorted), t_sorted)  # padded row -> unit, position in it
+        row_start = torch.cumsum(t_sorted, 0) - t_sorted
+        cnt_o = cnt.index_select(0, units_sorted).index_select(0, owner)
+        idx = torch.where(pos < cnt_o, start.index_select(0, units_sorted).index_select(0, owner) + pos, n_corr)
+        w_rows, m_rows = w.index_select(0, idx), mono.index_select(0, idx)
+        size_list, n_of_size = (v.tolist() for v in torch.unique_consecutive(t_sorted, return_counts=True))
+        tops, hs = [], []
+        r0 = 0  # the chunk's first padded row
+        for t, n_units_t in zip(size_list, n_of_size, strict=True):
             per_chunk = max(1, chunk_elements // (t * t))
-            r = torch.arange(t, device=dev)
-            for c0 in range(0, len(units_all), per_chunk):
-                units = units_all[c0 : c0 + per_chunk]
-                idx = torch.where(r[None] < cnt[units][:, None], start[units][:, None] + r[None], n_corr)
-                flat = idx.flatten()
-                wi = w.index_select(0, flat).view(len(units), t, 12)
-                mi = mono.index_select(0, flat).view(len(units), t, 12)
+            for c0 in range(0, n_units_t, per_chunk):
+                k = min(per_chunk, n_units_t - c0)
+                wi = w_rows[r0 : r0 + k * t].view(k, t, 12)
+                mi = m_rows[r0 : r0 + k * t].view(k, t, 12)
                 # (U, T hypotheses, T correspondences) scores, compared in place (1.0 = close) and summed: cheaper than
                 # a new bool tensor and its sum
-                counts = torch.bmm(wi, mi.mT).le_(thr).sum(-1)
-                top, h = counts.max(1)  # first max
-                chosen_h[units] = torch.where(top > 0, idx.gather(1, h[:, None])[:, 0], n_corr)
+                top, h = torch.bmm(wi, mi.mT).le_(thr).sum(-1).max(1)  # first max
+                tops.append(top)
+                hs.append(h)
+                r0 += k * t
+        top_all, h_all = torch.cat(tops), torch.cat(hs)
+        chosen_h[units_sorted] = torch.where(top_all > 0, idx.index_select(0, row_start + h_all), n_corr)
         # 2. Count the chosen transforms' inliers exactly and refine them (LO): every unit at once, on the flat list
         #    of correspondences (per-unit sums by CSR products; no padding).
         res = _refine(unit, cnt, chosen_h, qc, dc, ha, hb, hc, err2, lo_iters, max_scale_change)
