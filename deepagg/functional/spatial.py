@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from deepagg._checks import ShapeError, check_int, check_positive
+from deepagg.functional import _blocking
 from deepagg.functional.diffusion import _silence_csr_beta_ctx
 
 __all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions", "spatial_match"]
@@ -808,6 +809,8 @@ def spatial_match(
         )
     pairs = pairs.to(dev)
     db = db.to(dev)
+    if dev.type == "cpu":
+        _blocking.raise_trim_threshold()  # the temporaries below are a few MiB each: keep glibc's heap (see there)
     n_pairs, s = len(pairs), q.num_scales
     dtype = q.centers.dtype
     n_units = n_pairs * s * s
