@@ -316,19 +316,24 @@ class TestMachineConstants:
         assert (cpu_vendor() in (None, "GenuineIntel")) == _blocking.MV_FAST
 
 
-_MATCH_FAULTS = """
+_FAULTS = """
 import resource, sys
-from benchmarks.bench_spatial import synthetic_features
+from benchmarks.bench_spatial import pyramid, synthetic_features, synthetic_map
 from deepagg.functional import _blocking
-from deepagg.functional.spatial import spatial_match
+from deepagg.functional.spatial import activation_features, spatial_match
 
-q, db, _ = synthetic_features(100, 512, 3)  # the benchmark's top 100: temporaries of a few MiB
-if sys.argv[1] == "off":
+if sys.argv[1] == "match":  # the benchmark's top 100: temporaries of a few MiB
+    q, db, _ = synthetic_features(100, 512, 3)
+    run = lambda: spatial_match(q, db)
+else:  # one 512-channel map at 3 scales: NumPy's region temporaries
+    maps = pyramid(synthetic_map(512), 3)
+    run = lambda: activation_features(maps)
+if sys.argv[2] == "off":
     _blocking._nudged = True  # as if done: no nudge in this process
-spatial_match(q, db)
+run()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
-    spatial_match(q, db)
+    run()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -353,10 +358,11 @@ class TestRaiseTrimThreshold:
         or any(k.startswith("MALLOC_") for k in __import__("os").environ),
         reason="glibc's dynamic malloc thresholds only",
     )
-    def test_spatial_match_keeps_the_heap(self) -> None:
-        # In fresh processes (the state is process-wide): without the untouched 31 MiB free, every call of the
-        # benchmark-sized match grows glibc's heap past its trim threshold, has it trimmed, and faults its pages in
-        # again (about 2,700 per call measured); with it, the heap stays.
+    @pytest.mark.parametrize("op", ["match", "detect"])
+    def test_dsm_keeps_the_heap(self, op: str) -> None:
+        # In fresh processes (the state is process-wide): without the untouched 31 MiB free, every benchmark-sized
+        # call of spatial_match / activation_features grows glibc's heap past its trim threshold, has it trimmed,
+        # and faults its pages in again (about 2,700 / 6,000 per call measured); with it, the heap stays.
         import subprocess
         import sys
 
@@ -364,7 +370,7 @@ class TestRaiseTrimThreshold:
 
         def faults(mode: str) -> int:
             out = subprocess.run(
-                [sys.executable, "-c", _MATCH_FAULTS, mode], capture_output=True, text=True, check=True, cwd=root
+                [sys.executable, "-c", _FAULTS, op, mode], capture_output=True, text=True, check=True, cwd=root
             )
             return int(out.stdout.split()[-1])
 

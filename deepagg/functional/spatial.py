@@ -577,6 +577,8 @@ def activation_features(
     _cv2()
     from torchvision.ops import nms  # torchvision is a dependency; imported here to keep import time low
 
+    _blocking.raise_trim_threshold()  # NumPy's region temporaries grow glibc's heap by MiBs: keep it (see there)
+
     mser = {
         "delta": delta,
         "min_area": min_area,
