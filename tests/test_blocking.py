@@ -318,16 +318,20 @@ class TestMachineConstants:
 
 _FAULTS = """
 import resource, sys
+import torch
 from benchmarks.bench_spatial import pyramid, synthetic_features, synthetic_map
-from deepagg.functional import _blocking
+from deepagg.functional import _blocking, hew
 from deepagg.functional.spatial import activation_features, spatial_match
 
 if sys.argv[1] == "match":  # the benchmark's top 100: temporaries of a few MiB
     q, db, _ = synthetic_features(100, 512, 3)
     run = lambda: spatial_match(q, db)
-else:  # one 512-channel map at 3 scales: NumPy's region temporaries
+elif sys.argv[1] == "detect":  # one 512-channel map at 3 scales: NumPy's region temporaries
     maps = pyramid(synthetic_map(512), 3)
     run = lambda: activation_features(maps)
+else:  # HeW over blocked()'s 16 MiB image blocks
+    x = torch.relu(torch.randn(32, 512, 24, 32, generator=torch.Generator().manual_seed(0)) + 0.3)
+    run = lambda: hew(x, lam=1.0)
 if sys.argv[2] == "off":
     _blocking._nudged = True  # as if done: no nudge in this process
 run()
@@ -358,11 +362,12 @@ class TestRaiseTrimThreshold:
         or any(k.startswith("MALLOC_") for k in __import__("os").environ),
         reason="glibc's dynamic malloc thresholds only",
     )
-    @pytest.mark.parametrize("op", ["match", "detect"])
-    def test_dsm_keeps_the_heap(self, op: str) -> None:
+    @pytest.mark.parametrize("op", ["match", "detect", "hew"])
+    def test_heap_is_kept(self, op: str) -> None:
         # In fresh processes (the state is process-wide): without the untouched 31 MiB free, every benchmark-sized
-        # call of spatial_match / activation_features grows glibc's heap past its trim threshold, has it trimmed,
-        # and faults its pages in again (about 2,700 / 6,000 per call measured); with it, the heap stays.
+        # call of spatial_match / activation_features / hew grows glibc's heap past its trim threshold, has it
+        # trimmed, and faults its pages in again (about 2,700 / 6,000 / 25,000 per call measured); with it, the
+        # heap stays.
         import subprocess
         import sys
 
