@@ -700,9 +700,9 @@ def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -
     qorder = torch.argsort(qkey, stable=True)
     qkey_sorted = qkey[qorder]
     # Database features of every pair.
-    p_idx, j_idx = db.mask[pairs[:, 1]].nonzero(as_tuple=True)
-    dbi = pairs[p_idx, 1]
-    key = pairs[p_idx, 0] * n_ch + db.channels[dbi, j_idx]
+    p_idx, j_idx = db.mask.index_select(0, pairs[:, 1]).nonzero(as_tuple=True)
+    flat_db = pairs[:, 1].index_select(0, p_idx) * db.centers.shape[1] + j_idx  # into db's (B*N); index_select: the
+    key = pairs[:, 0].index_select(0, p_idx) * n_ch + db.channels.flatten().index_select(0, flat_db)  # fast gather
     if len(q) * n_ch <= _DENSE_KEYS:  # channel ids of activation maps: a dense (image, channel) table, 2 gathers
         n_keys = len(q) * n_ch
         qcount = torch.bincount(qkey_sorted + 1, minlength=n_keys + 1)[1:]  # the padding (-1) counts apart
@@ -717,7 +717,7 @@ def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -
     i_idx = flat_q % max(nqf, 1)
     p = p_idx.index_select(0, rep)
     j = j_idx.index_select(0, rep)
-    d_scale = db.scales.flatten().index_select(0, dbi * db.scales.shape[1] + j_idx).index_select(0, rep)
+    d_scale = db.scales.flatten().index_select(0, flat_db).index_select(0, rep)
     unit = (p * s + q.scales.flatten().index_select(0, flat_q)) * s + d_scale
     # sort by unit, then query feature, then database feature (deterministic, independent of batching)
     nd = max(db.centers.shape[1], 1)
