@@ -15,9 +15,9 @@ allocates its temporaries afresh then pays the page faults again on every block 
 the time for a 32-image GeM in one process, none in another). So :func:`blocked` allocates one workspace of one
 block's size per call and hands it to every block, which writes its map-sized temporary there (``out=`` and
 in-place ops): at most one large allocation per call, whatever the allocator's state. Ops whose temporaries are
-still several MiB (HeW's 16 MiB blocks; the DSM matcher and detector) are kept off that path by
-:func:`raise_trim_threshold`, which :func:`blocked` calls on the CPU fast path: one untouched 31 MiB free per
-process lifts glibc's trim threshold to 62 MiB (HeW at 32 x 512 x 24 x 32 in a fresh process: 25k page faults and
+still several MiB (HeW's 16 MiB blocks; the DSM matcher and detector) rely on :func:`raise_trim_threshold`
+instead, which :func:`blocked` calls on the CPU fast path: one untouched 31 MiB free per process lifts glibc's
+trim threshold to 62 MiB (HeW at 32 x 512 x 24 x 32 in a fresh process: 25k page faults and
 about 215 ms per call without it, none and about 170 ms with it).
 
 On CPU the part of a pooling op that makes map-sized temporaries runs over blocks of images, chosen from static

@@ -700,9 +700,10 @@ def _correspondences(q: LocalFeatures, db: LocalFeatures, pairs: torch.Tensor) -
     qorder = torch.argsort(qkey, stable=True)
     qkey_sorted = qkey[qorder]
     # Database features of every pair.
+    # (index_select on flat indices: the fast gather, several times faster than advanced indexing on CPU)
     p_idx, j_idx = db.mask.index_select(0, pairs[:, 1]).nonzero(as_tuple=True)
-    flat_db = pairs[:, 1].index_select(0, p_idx) * db.centers.shape[1] + j_idx  # into db's (B*N); index_select: the
-    key = pairs[:, 0].index_select(0, p_idx) * n_ch + db.channels.flatten().index_select(0, flat_db)  # fast gather
+    flat_db = pairs[:, 1].index_select(0, p_idx) * db.centers.shape[1] + j_idx  # into db's (B*N)
+    key = pairs[:, 0].index_select(0, p_idx) * n_ch + db.channels.flatten().index_select(0, flat_db)
     if len(q) * n_ch <= _DENSE_KEYS:  # channel ids of activation maps: a dense (image, channel) table, 2 gathers
         n_keys = len(q) * n_ch
         qcount = torch.bincount(qkey_sorted + 1, minlength=n_keys + 1)[1:]  # the padding (-1) counts apart
