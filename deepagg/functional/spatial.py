@@ -892,10 +892,10 @@ def spatial_match(
         padded = torch.where(sizes <= 32, (sizes + 7) // 8 * 8, _geometric_ceil(sizes))
         by_size = torch.argsort(padded, stable=True)
         units_sorted, t_sorted = present.index_select(0, by_size), padded.index_select(0, by_size)
-        owner, pos = _expand_runs(torch.zeros_like(t_sorted), t_sorted)  # padded row -> unit, position in it
+        owner, pos = _expand_runs(torch.zeros_like(t_sorted), t_sorted)  # padded row -> its sorted unit, position
         row_start = torch.cumsum(t_sorted, 0) - t_sorted
-        cnt_o = cnt.index_select(0, units_sorted).index_select(0, owner)
-        idx = torch.where(pos < cnt_o, start.index_select(0, units_sorted).index_select(0, owner) + pos, n_corr)
+        row_unit = units_sorted.index_select(0, owner)
+        idx = torch.where(pos < cnt.index_select(0, row_unit), start.index_select(0, row_unit) + pos, n_corr)
         w_rows, m_rows = w.index_select(0, idx), mono.index_select(0, idx)
         size_list, n_of_size = (v.tolist() for v in torch.unique_consecutive(t_sorted, return_counts=True))
         tops, hs = [], []
