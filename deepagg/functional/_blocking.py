@@ -17,8 +17,8 @@ block's size per call and hands it to every block, which writes its map-sized te
 in-place ops): at most one large allocation per call, whatever the allocator's state. Ops whose temporaries are
 still several MiB (HeW's 16 MiB blocks; the DSM matcher and detector) rely on :func:`raise_trim_threshold`
 instead, which :func:`blocked` calls on the CPU fast path: one untouched 31 MiB free per process lifts glibc's
-trim threshold to 62 MiB (HeW at 32 x 512 x 24 x 32 in a fresh process: 25k page faults and
-about 215 ms per call without it, none and about 170 ms with it).
+trim threshold to 62 MiB (HeW at 32 x 512 x 24 x 32 in a fresh process, ad hoc: 25k page
+faults and about 215 ms per call without it, none and about 170 ms with it).
 
 On CPU the part of a pooling op that makes map-sized temporaries runs over blocks of images, chosen from static
 shapes only; on every other device, and while ``torch.compile`` traces (the compiler fuses the temporaries away
@@ -223,10 +223,11 @@ def raise_trim_threshold() -> None:
     to 32 MiB, and its heap trim threshold to twice that. Until a process has freed a large chunk, an op whose
     temporaries of a few MiB grow the heap by more than the trim threshold has the heap handed back to the OS when
     they are freed, and pays the page faults again on the next call (``spatial_match`` at the benchmark's size:
-    about 2,700 faults, a fifth of its time). The free here is what a program's first large tensor free does
-    anyway; the block is never written, so it costs one ``mmap`` and one ``munmap`` and no page. Afterwards the
-    process keeps up to 62 MiB of freed heap instead of returning it. No effect with another allocator or with
-    ``MALLOC_MMAP_THRESHOLD_`` set (glibc then turns the dynamic thresholds off).
+    about 1,800-2,700 faults, a fifth of its time; ``python -m benchmarks.bench_spatial --no-heap-nudge``). The free
+    here is what a program's first large tensor free does anyway; the block is never written, so it costs one
+    ``mmap`` and one ``munmap`` and no page. Afterwards the process keeps up to 62 MiB of freed heap instead of
+    returning it. No effect with another allocator or with ``MALLOC_MMAP_THRESHOLD_`` set (glibc then turns the
+    dynamic thresholds off).
     """
     global _nudged
     if not _nudged:
