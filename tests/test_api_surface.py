@@ -10,6 +10,7 @@ from deepagg import functional, nn
 FUNCTIONAL = [
     "agaussian_center",
     "agaussian_echannel",
+    "bright_msers",
     "contrastive_loss",
     "crow",
     "dba",

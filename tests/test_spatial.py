@@ -17,6 +17,7 @@ Every expectation comes from outside the code under test (paper: ``deep-spatial-
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -39,6 +40,7 @@ from deepagg.functional.spatial import (
     mser_regions,
     spatial_match,
 )
+from deepagg.functional.spatial import activation_features as _activation_features  # the torch tests patch the first
 
 from ._base import BaseTester
 from .test_backbones import _installed, _photo
@@ -609,6 +611,8 @@ class TestActivationFeatures(BaseTester):
                 activation_features(a, min_diversity=v)
         with pytest.raises(ValueError, match=fn + r"scaling must be 'channel', 'image' or 'raw'; got 'max'\."):
             activation_features(a, scaling="max")
+        with pytest.raises(ValueError, match=fn + r"backend must be 'opencv' or 'torch'; got 'cuda'\."):
+            activation_features(a, backend="cuda")
         for v in (0.0, -0.5, 1.5, float("nan")):
             with pytest.raises(ValueError, match=fn + rf"nms_iou must be in \(0, 1\]; got {v}\."):
                 activation_features(a, nms_iou=v)
@@ -636,6 +640,89 @@ class TestActivationFeatures(BaseTester):
         mser_regions(np.zeros((5, 6), dtype=np.uint8))
         assert len(seen) == 2
         assert all(kw["min_diversity"] == 0.0 for kw in seen)
+
+
+class TestActivationFeaturesTorchBackend(TestActivationFeatures):
+    """Every test above again with ``backend="torch"`` (the batched torch MSER), plus its agreement with OpenCV.
+
+    The blob maps above have no tie between children of equal size, which OpenCV breaks by its scan order (see
+    ``deepagg.functional.mser``), so the torch backend must pass the same expectations.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _torch_backend(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setitem(globals(), "activation_features", functools.partial(_activation_features, backend="torch"))
+
+    @pytest.mark.parametrize("query", [True, False])
+    @pytest.mark.parametrize("scaling", ["channel", "image"])
+    def test_same_as_opencv(self, query: bool, scaling: str) -> None:
+        # Two images, three scales of blob maps (two blobs sharing a channel, so NMS and the caps have work).
+        sizes = [(30, 36), (21, 25), (15, 18)]
+        maps = []
+        for s, (h, w) in enumerate(sizes):
+            per_image = []
+            for i in range(2):
+                blobs = random_blobs(12, h, w, 40 + 10 * i + s, margin=3.0, sd=(1.6, 3.0, 1.6, 2.2))
+                a = blob_maps(blobs, h, w)
+                a[0] = a[0] + a[1].roll(5, 1)  # a channel with two blobs
+                per_image.append(a)
+            maps.append(torch.stack(per_image))
+        got = activation_features(maps, query=query, scaling=scaling)
+        ref = _activation_features(maps, query=query, scaling=scaling)
+        assert int(ref.counts().min()) > 20
+        for name in ("channels", "scales", "mask", "strengths", "map_sizes"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        # float64 moments summed in another order, then rounded to float32: equal up to the last bit
+        torch.testing.assert_close(got.centers, ref.centers, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.covariances, ref.covariances, rtol=1e-6, atol=1e-6)
+
+    def test_agreement_on_noisy_maps(self) -> None:
+        # Blobs over ReLU'd noise: many one-pixel peaks, where OpenCV breaks ties by its scan order. Measured: 577 of
+        # the OpenCV backend's 582 query features (channel, scale, centre) found by the torch backend, 345 of 348
+        # database features.
+        g = torch.Generator().manual_seed(3)
+        h, w = 24, 32
+        a = torch.stack([blob_maps(random_blobs(48, h, w, 60 + i, margin=3.0), h, w) for i in range(2)])
+        a = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(min=0)
+        maps = [a, F.interpolate(a, scale_factor=0.5, mode="bilinear")]
+        for query in (True, False):
+            got = activation_features(maps, query=query)
+            ref = _activation_features(maps, query=query)
+
+            def keys(f: LocalFeatures, i: int) -> set[tuple[int, int, float, float]]:
+                return {
+                    (int(c), int(s), round(float(x), 4), round(float(y), 4))
+                    for c, s, (x, y), m in zip(f.channels[i], f.scales[i], f.centers[i], f.mask[i], strict=True)
+                    if m
+                }
+
+            same = sum(len(keys(got, i) & keys(ref, i)) for i in range(2))
+            total = int(ref.counts().sum())
+            assert total > 150
+            assert same >= 0.98 * total, (query, same, total)
+
+    def test_missing_opencv(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        a = blob_maps(random_blobs(6, 20, 26, 4, margin=4.0), 20, 26)
+        ref = activation_features(a)
+        monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError: not needed here
+        assert_same_features(activation_features(a), ref)
+        assert mser_regions(np.zeros((5, 6), dtype=np.uint8), backend="torch") == []
+
+    def test_opencv_min_diversity_is_zero(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def spy(**kw: Any) -> Any:
+            raise AssertionError("the torch backend must not call OpenCV")
+
+        monkeypatch.setattr(cv2, "MSER_create", spy)
+        activation_features(torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(0)))
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def test_cuda_matches_cpu(self) -> None:
+        a = blob_maps(random_blobs(16, 24, 32, 9, margin=3.0), 24, 32)[None]
+        for query in (True, False):
+            cpu = activation_features(a, query=query)
+            gpu = activation_features(a.cuda(), query=query)
+            assert gpu.centers.is_cuda
+            assert_same_features(gpu.to("cpu"), cpu)
 
 
 # --------------------------------------------------------------------------------------------------------------

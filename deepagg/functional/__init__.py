@@ -21,6 +21,7 @@ from deepagg.functional.heat import heat_rerank, hew, hew_weights
 from deepagg.functional.losses import contrastive_loss, triplet_loss
 from deepagg.functional.masks import max_mask, sift_mask, sum_mask
 from deepagg.functional.mining import hard_negatives
+from deepagg.functional.mser import BrightRegions, bright_msers
 from deepagg.functional.normalize import l2n, power_norm
 from deepagg.functional.pooling import crow, gem, mac, rmac, rmac_grid, rmac_regions, spoc
 from deepagg.functional.qe import dba, query_expansion
@@ -29,11 +30,13 @@ from deepagg.functional.spatial import LocalFeatures, SpatialMatch, activation_f
 from deepagg.functional.whitening import learned_whitening, pca_whitening, whiten
 
 __all__ = [
+    "BrightRegions",
     "LocalFeatures",
     "SpatialMatch",
     "activation_features",
     "agaussian_center",
     "agaussian_echannel",
+    "bright_msers",
     "conjugate_gradient",
     "contrastive_loss",
     "crow",

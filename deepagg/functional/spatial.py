@@ -38,6 +38,7 @@ from deepagg.functional.diffusion import _silence_csr_beta_ctx
 __all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions", "spatial_match"]
 
 _DENSE_KEYS = 1 << 22  # _correspondences: (query image, channel) tables up to this size are dense
+_TORCH_MSER_PIXELS = 1 << 22  # backend="torch": maps per bright_msers call (about 100 bytes a pixel)
 _OPENCV_HINT = "pip install 'deepagg[opencv]' (opencv-python-headless)"
 
 
@@ -270,6 +271,7 @@ def mser_regions(
     max_area: float = 0.5,
     max_variation: float = 0.5,
     min_diversity: float = 0.7,
+    backend: str = "opencv",
 ) -> list[np.ndarray]:
     """High-activation MSERs of one 8-bit map: OpenCV's MSER, only upper-level-set regions, VLFeat's diversity.
 
@@ -290,10 +292,27 @@ def mser_regions(
         max_area: Largest region, a fraction of the map (0.5).
         max_variation: OpenCV's largest area variation (0.5).
         min_diversity: VLFeat-style diversity (0.7, the paper's; 0 keeps every nested region).
+        backend: ``"opencv"``, or ``"torch"`` for :func:`~deepagg.functional.mser.bright_msers` (the same three
+            steps in tensor ops, without OpenCV; regions of equal size in another order, and a few regions differ
+            where OpenCV breaks a tie by its scan order: see :mod:`deepagg.functional.mser`).
 
     Returns:
         The regions, each an ``(n, 2)`` int array of ``(x, y)`` pixels, largest first (ties in OpenCV's order).
     """
+    if backend not in ("opencv", "torch"):
+        raise ValueError(f"mser_regions(): backend must be 'opencv' or 'torch'; got {backend!r}.")
+    if backend == "torch":
+        from deepagg.functional.mser import bright_msers
+
+        found = bright_msers(
+            torch.from_numpy(np.ascontiguousarray(channel_map, dtype=np.uint8))[None],
+            delta=delta,
+            min_area=min_area,
+            max_area=max_area,
+            max_variation=max_variation,
+            min_diversity=min_diversity,
+        )
+        return [r.numpy() for r in found.as_lists(1)[0]]
     return _mser_many(
         channel_map[None],
         delta=delta,
@@ -480,6 +499,152 @@ def _detect_one(
     return cen_a, cov_a, strength, chan, boxes
 
 
+def _uint8_batch(a: torch.Tensor, scaling: str) -> torch.Tensor:
+    """:func:`_to_uint8` of every image of ``a`` :math:`(B, C, H, W)` at once (the same float ops, the same levels)."""
+    if scaling == "raw":
+        return a.clamp(min=0).round().clamp(max=255).to(torch.uint8)
+    pos = a.clamp(min=0)
+    # "image": the image's maximum over all channels (of the unclamped map, as _detect_one passes it)
+    top = pos.amax(dim=(2, 3), keepdim=True) if scaling == "channel" else a.flatten(1).amax(1).reshape(-1, 1, 1, 1)
+    scaled = torch.where(top > 0, pos / top.clamp(min=torch.finfo(a.dtype).tiny) * 255.0, torch.zeros_like(pos))
+    return scaled.round().clamp(0, 255).to(torch.uint8)
+
+
+def _segment_rank(keys: torch.Tensor) -> torch.Tensor:
+    """Position of each element within its run of equal ``keys`` (``keys`` sorted)."""
+    return torch.arange(len(keys), device=keys.device) - torch.searchsorted(keys, keys, right=False)
+
+
+def _regions_torch(
+    a: torch.Tensor, *, scaling: str, mser: dict[str, Any], max_regions: int, min_det: float
+) -> dict[str, torch.Tensor]:
+    """:func:`_detect_one` for every image of one scale :math:`(B, C, H, W)` at once, with :func:`bright_msers`.
+
+    Returns the regions of all images, image by image in :func:`_detect_one`'s order (channel, then largest
+    first): ``image``, ``channel`` (int64), ``centers`` (R, 2) and ``covariances`` (R, 2, 2) float64,
+    ``strengths`` float32, ``boxes`` (R, 4) float64.
+    """
+    from deepagg.functional.mser import bright_msers
+
+    a = a.detach().float()
+    b, c, h, w = a.shape
+    dev = a.device
+    u8 = _uint8_batch(a, scaling).reshape(b * c, h, w)
+    raw = a.reshape(b * c, h * w)
+    lit = (u8.reshape(b * c, -1).amax(1) > 0).nonzero().flatten() if u8.numel() else u8.new_zeros(0).long()
+    per_call = max(1, _TORCH_MSER_PIXELS // max(1, h * w))
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, len(lit), per_call):
+        ids = lit[start : start + per_call]
+        reg = bright_msers(u8[ids], **mser)
+        if not len(reg):
+            continue
+        owner = ids[reg.map_index]  # image * C + channel of each region
+        rid, pix = reg.region, reg.pixels
+        n = reg.size.double()
+        x, y = (pix % w).double(), (pix // w).double()
+        zeros = torch.zeros(len(n), dtype=torch.float64, device=dev)
+        mu = torch.stack([zeros.index_add(0, rid, x), zeros.index_add(0, rid, y)], 1) / n[:, None]
+        dx, dy = x - mu[rid, 0], y - mu[rid, 1]
+        sxx, sxy, syy = (zeros.index_add(0, rid, v) / n for v in (dx * dx, dx * dy, dy * dy))
+        strength = torch.full((len(n),), -torch.inf, device=dev).scatter_reduce_(0, rid, raw[owner[rid], pix], "amax")
+        fit = sxx * syy - sxy**2 > min_det  # a line or a point has no ellipse (as the authors)
+        per_channel = torch.bincount(owner[fit], minlength=b * c)
+        keep = fit & (per_channel[owner] <= max_regions)  # a cluttered channel is skipped as a whole
+        cov = torch.stack([torch.stack([sxx, sxy], 1), torch.stack([sxy, syy], 1)], 1)
+        cen = mu[keep]
+        half = torch.stack([sxx, syy], 1)[keep].sqrt()
+        parts.append(
+            {
+                "image": owner[keep] // c,
+                "channel": owner[keep] % c,
+                "centers": cen,
+                "covariances": cov[keep],
+                "strengths": strength[keep],
+                "boxes": torch.cat([cen - half, cen + half], 1),  # the 1-sigma ellipse's bounding box
+            }
+        )
+    if not parts:
+        z = torch.zeros
+        return {
+            "image": z(0, dtype=torch.long, device=dev),
+            "channel": z(0, dtype=torch.long, device=dev),
+            "centers": z(0, 2, dtype=torch.float64, device=dev),
+            "covariances": z(0, 2, 2, dtype=torch.float64, device=dev),
+            "strengths": z(0, device=dev),
+            "boxes": z(0, 4, dtype=torch.float64, device=dev),
+        }
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _detect_torch(
+    maps: list[torch.Tensor],
+    *,
+    query: bool,
+    scaling: str,
+    mser: dict[str, Any],
+    max_regions: int,
+    per_channel: int,
+    max_features: int,
+    nms_iou: float,
+) -> LocalFeatures:
+    """:func:`activation_features` with ``backend="torch"``: every image and channel of a scale in one pass."""
+    from torchvision.ops import nms
+
+    dev = maps[0].device
+    b, c = maps[0].shape[:2]
+    chosen: list[dict[str, torch.Tensor]] = []
+    for s, m in enumerate(maps):
+        r = _regions_torch(m, scaling=scaling, mser=mser, max_regions=max_regions, min_det=1e-9)
+        st = r["strengths"]
+        keep = torch.ones(len(st), dtype=torch.bool, device=dev)
+        if not query and len(st):  # NMS image by image, on the boxes in the order _detect_one gives them
+            keep = torch.zeros_like(keep)
+            first = 0
+            for cnt in torch.bincount(r["image"], minlength=b).tolist():
+                if cnt:
+                    kept = nms(r["boxes"][first : first + cnt].float(), st[first : first + cnt], float(nms_iou))
+                    keep[first + kept] = True
+                first += cnt
+        # Strongest first within each image (stable: ties keep the region order), then the per-channel cap and
+        # max_features per image at this scale.
+        order = torch.argsort(st, descending=True, stable=True)
+        order = order[torch.argsort(r["image"][order], stable=True)]
+        order = order[keep[order]]
+        img, ch = r["image"][order], r["channel"][order]
+        by_ch = torch.argsort(img * c + ch, stable=True)
+        rank_in = torch.empty_like(by_ch)
+        rank_in[by_ch] = _segment_rank((img * c + ch)[by_ch])
+        order = order[rank_in < per_channel]
+        order = order[_segment_rank(r["image"][order]) < max_features]
+        chosen.append({k: v[order] for k, v in r.items()} | {"scale": torch.full((len(order),), s, device=dev)})
+    allr = {k: torch.cat([p[k] for p in chosen]) for k in chosen[0]}
+    st = allr["strengths"].float()
+    order = torch.argsort(st, descending=True, stable=True)
+    order = order[torch.argsort(allr["image"][order], stable=True)]
+    img = allr["image"][order]
+    pos = _segment_rank(img)
+    order, img, pos = order[pos < max_features], img[pos < max_features], pos[pos < max_features]
+    n = int(pos.max()) + 1 if len(pos) else 0
+    out_dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+
+    def packed(v: torch.Tensor, fill: float | int | bool, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((b, n, *v.shape[1:]), fill, dtype=dtype, device=dev)
+        out[img, pos] = v[order].to(dtype)
+        return out
+
+    sizes = torch.tensor([[list(m.shape[-2:]) for m in maps]], dtype=torch.int64, device=dev).expand(b, -1, -1)
+    return LocalFeatures(
+        packed(allr["centers"].float(), 0.0, out_dtype),  # float32 first, as the OpenCV path's features
+        packed(allr["covariances"].float(), 0.0, out_dtype),
+        packed(st, 0.0, out_dtype),
+        packed(allr["channel"], -1, torch.int64),
+        packed(allr["scale"], -1, torch.int64),
+        torch.arange(n, device=dev)[None].expand(b, n) < torch.bincount(img, minlength=b)[:, None],
+        sizes.contiguous(),
+    )
+
+
 def _top_by_strength(strength: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` strongest among ``keep`` (stable: ties keep the earlier index)."""
     idx = keep.nonzero().flatten()
@@ -501,6 +666,7 @@ def activation_features(
     max_variation: float = 0.5,
     min_diversity: float = 0.7,
     scaling: str = "channel",
+    backend: str = "opencv",
 ) -> LocalFeatures:
     """Local features of activation maps: per-channel MSER ellipses (DSM's detector, section 3.3-3.4).
 
@@ -525,8 +691,10 @@ def activation_features(
 
     With the defaults (``delta=12``, the authors' cap; VLFeat-style ``min_diversity=0.7``, the paper's), the
     `clutter` VGG16 maps (512 px, 3 scales) give about 400 features per database image; with ``scaling="image"``
-    about 120, for the same DSM ranking at a third of the matching work (``docs/dsm.md``). Runs on the CPU (MSER is
-    sequential); the features come back on ``A``'s device. Exempt from ``torch.compile`` (detection).
+    about 120, for the same DSM ranking at a third of the matching work (``docs/dsm.md``). With the default
+    ``backend="opencv"`` it runs on the CPU (OpenCV's MSER is sequential) and the features come back on ``A``'s
+    device; ``backend="torch"`` runs on ``A``'s device, batched over images and channels. Exempt from
+    ``torch.compile`` (detection).
 
     Args:
         A: Activations :math:`(C, H, W)` or :math:`(B, C, H, W)`, or a list of them, one per scale (the same images
@@ -542,6 +710,11 @@ def activation_features(
         max_variation: Largest area variation (0.5).
         min_diversity: VLFeat-style diversity (0.7).
         scaling: ``"channel"``, ``"image"`` or ``"raw"`` (how activations become 8-bit levels).
+        backend: ``"opencv"`` (OpenCV's MSER, one channel at a time on the CPU) or ``"torch"``
+            (:func:`~deepagg.functional.mser.bright_msers`: all images and channels of a scale in one pass of tensor
+            ops on ``A``'s device, a GPU included, without OpenCV; the same features except where OpenCV breaks a
+            tie between two children of equal size by its scan order, about 1-2 % of the regions, see
+            :mod:`deepagg.functional.mser`).
 
     Returns:
         :class:`LocalFeatures` with ``B`` images (1 for an unbatched input), strongest first; float tensors in
@@ -574,7 +747,10 @@ def activation_features(
         nms_iou = 0.2
     if not 0 < nms_iou <= 1:
         raise ValueError(f"{fn}(): nms_iou must be in (0, 1]; got {nms_iou}.")
-    _cv2()
+    if backend not in ("opencv", "torch"):
+        raise ValueError(f"{fn}(): backend must be 'opencv' or 'torch'; got {backend!r}.")
+    if backend == "opencv":
+        _cv2()
     from torchvision.ops import nms  # torchvision is a dependency; imported here to keep import time low
 
     _blocking.raise_trim_threshold()  # NumPy's region temporaries grow glibc's heap by MiBs: keep it (see there)
@@ -586,6 +762,17 @@ def activation_features(
         "max_variation": max_variation,
         "min_diversity": min_diversity,
     }
+    if backend == "torch":
+        return _detect_torch(
+            maps,
+            query=query,
+            scaling=scaling,
+            mser=mser,
+            max_regions=max_regions,
+            per_channel=per_channel,
+            max_features=max_features,
+            nms_iou=nms_iou,
+        )
     device = maps[0].device
     b = maps[0].shape[0]
     sizes = torch.tensor([[list(m.shape[-2:]) for m in maps]], dtype=torch.int64)  # (1, S, 2)
