@@ -302,23 +302,24 @@ def _folder_problems(needs: list[_Need]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- entry point
 
 
-def _targets(node: Any) -> Iterator[str]:
-    """Every ``_target_`` inside a config node (a re-ranker chain's stages included)."""
+def _dsm_nodes(node: Any) -> Iterator[dict[str, Any]]:
+    """Every ``deepagg.DSM`` node inside a config node, as a plain dict."""
     plain = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
     stack = [plain]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if isinstance(item.get("_target_"), str):
-                yield item["_target_"]
+            if isinstance(item.get("_target_"), str) and item["_target_"].rsplit(".", 1)[-1] == "DSM":
+                yield item
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
 
 
 def _opencv_problem(rerank_nodes: Sequence[Any]) -> str | None:
-    """A DSM re-ranker (its MSER detector is OpenCV's) without ``cv2`` installed."""
-    if not any(t.rsplit(".", 1)[-1] == "DSM" for node in rerank_nodes for t in _targets(node)):
+    """A DSM re-ranker whose MSER detector is OpenCV's (``detector.backend``, default opencv) without ``cv2``."""
+    dsm = [d for node in rerank_nodes for d in _dsm_nodes(node)]
+    if all((d.get("detector") or {}).get("backend", "opencv") == "torch" for d in dsm):
         return None
     try:
         if importlib.util.find_spec("cv2") is not None:
@@ -327,8 +328,9 @@ def _opencv_problem(rerank_nodes: Sequence[Any]) -> str | None:
         pass
     return (
         "the DSM re-ranker detects its local features with OpenCV's MSER, and OpenCV (cv2) is not installed. "
-        f"Fix: pip install 'opencv-python-headless>=4.10' (or pip install 'deepagg[apps]', or {SETUP}), or leave DSM "
-        "out (mode=compare: compare.reranks without dsm and dsm_diffusion)."
+        f"Fix: pip install 'opencv-python-headless>=4.10' (or pip install 'deepagg[apps]', or {SETUP}), or detect "
+        "with torch (rerank.detector.backend=torch), or leave DSM out (mode=compare: compare.reranks without dsm and "
+        "dsm_diffusion)."
     )
 
 

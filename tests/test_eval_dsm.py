@@ -110,3 +110,35 @@ def test_dsm_diffusion_runs(fake_root: Path) -> None:
 def test_dsm_needs_cached_maps(fake_root: Path) -> None:
     with pytest.raises(app.ConfigError, match=r"needs \['q_local_features', 'db_local_features'\] .* set store=maps"):
         _run([*DSM_RUN, "store=descriptors"], fake_root, "a")
+
+
+def _feature_keys(f: LocalFeatures, i: int) -> set[tuple[int, int, float, float]]:
+    """Image ``i``'s features as (channel, scale, centre x, centre y)."""
+    k = int(f.counts()[i])
+    return set(zip(f.channels[i, :k].tolist(), f.scales[i, :k].tolist(), *f.centers[i, :k].T.tolist(), strict=True))
+
+
+def test_torch_detector_runs_without_opencv(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rerank.detector.backend=torch: the batched torch MSER, no OpenCV needed (preflight included); its features
+    # are cached under their own keys and agree with OpenCV's (see deepagg.functional.mser for where they may not).
+    import importlib.util
+    import sys
+
+    _run(DSM_RUN, fake_root, "a")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    _run([*DSM_RUN, "rerank.detector.backend=torch"], fake_root, "b")
+    assert len(_dsm_files(fake_root)) == 24
+    meta = json.loads((fake_root / "b" / "results.json").read_text())["meta"]
+    assert "'backend': 'torch'" in meta["rerank"]
+    assert meta["opencv"] == "none"
+    same = total = 0
+    for role in ("q_local_features", "db_local_features"):
+        fa = LocalFeatures.from_dict(torch.load(fake_root / "a" / "dsm.pt", weights_only=True)[role])
+        fb = LocalFeatures.from_dict(torch.load(fake_root / "b" / "dsm.pt", weights_only=True)[role])
+        for i in range(len(fa)):
+            same += len(_feature_keys(fa, i) & _feature_keys(fb, i))
+            total += int(fa.counts()[i])
+    assert total > 0
+    assert same >= 0.95 * total, (same, total)

@@ -399,5 +399,10 @@ def test_dsm_without_opencv_is_named_with_its_fix(monkeypatch: pytest.MonkeyPatc
     assert problem.startswith("the DSM re-ranker detects its local features with OpenCV's MSER, and OpenCV (cv2)")
     assert "pip install 'opencv-python-headless>=4.10'" in problem
     assert pf._opencv_problem([OmegaConf.create({"_target_": "deepagg.Diffusion"})]) is None
+    assert "or detect with torch (rerank.detector.backend=torch)" in problem
+    torch_dsm = {"_target_": "deepagg.DSM", "detector": {"backend": "torch", "delta": 12}}
+    assert pf._opencv_problem([OmegaConf.create(torch_dsm)]) is None  # the torch detector needs no OpenCV
+    both = OmegaConf.create({"_target_": "deepagg.RerankChain", "stages": [torch_dsm, {"_target_": "deepagg.DSM"}]})
+    assert pf._opencv_problem([both]) is not None
     monkeypatch.undo()
     assert pf._opencv_problem([chain]) is None  # cv2 is installed here

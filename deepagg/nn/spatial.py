@@ -51,7 +51,8 @@ class DSM(Reranker):
         detector: Further :func:`~deepagg.functional.activation_features` settings (``delta``, ``min_diversity``,
             ...); ``scaling`` is ``"image"`` unless given (8-bit levels by the image's maximum: weak channels give
             few regions: on `clutter` a third of the features of per-channel levels, and the same ranking,
-            docs/dsm.md).
+            docs/dsm.md); ``backend="torch"`` detects on the maps' device with the batched torch MSER (a GPU, no
+            OpenCV) instead of OpenCV's.
         diffusion: A :class:`Diffusion` (global) seeded by the verified images: spatially verified diffusion. Its
             graph is built on the database descriptors like ``rerank=diffusion``'s.
         verified: Re-ranked images that may seed diffusion (10).
