@@ -47,6 +47,11 @@ brackets; torch on every core unless ``--threads``, the count is printed):
   real map of that shape when the files exist, otherwise a synthetic map of Gaussian blobs), ms per image,
   against OpenCV's bare ``MSER.detectRegions`` on the same 8-bit channels with the same parameters (the floor of
   the detector: the rest is the high-activation filter, the diversity rule, the ellipse fits, NMS and the caps).
+- ``activation_features backend=torch``: the batched torch MSER (``deepagg.functional.mser``) on the same map, one
+  image per call and 8 copies of it per call (its 256 level steps are paid once per call), ms per image, against
+  the OpenCV backend on one image; the diff column is the fraction of the OpenCV backend's features that the torch
+  backend does not find (OpenCV breaks ties between equal-size children by its scan order). With ``--device
+  cuda`` also 8 images per call on the GPU.
 - ``--device cuda``: the batched matcher on the GPU (synchronised) against the CPU's batched time; max abs diff:
   inlier counts against the CPU. Says so and skips when CUDA is unavailable.
 
@@ -479,8 +484,26 @@ def matcher_rows(
     return rows, info
 
 
-def detector_rows(channels: int, n_scales: int, repeats: int, scaling: str = "channel") -> list[dict[str, Any]]:
-    """``activation_features`` on one map at ``n_scales`` scales (query and database settings) vs bare MSER."""
+def feature_keys(f: LocalFeatures, i: int) -> set[tuple[int, int, float, float]]:
+    """Image ``i``'s features as (channel, scale, centre x, centre y) rounded to 1e-4 px."""
+    k = int(f.counts()[i])
+    cen = (f.centers[i, :k].double().cpu() * 1e4).round().tolist()
+    chans, scales = f.channels[i, :k].tolist(), f.scales[i, :k].tolist()
+    return {(int(c), int(s), x, y) for c, s, (x, y) in zip(chans, scales, cen, strict=True)}
+
+
+def missed(ours: LocalFeatures, ref: LocalFeatures) -> float:
+    """Fraction of ``ref``'s features (all images) that ``ours`` does not have."""
+    total = int(ref.counts().sum())
+    same = sum(len(feature_keys(ours, i) & feature_keys(ref, i)) for i in range(len(ref)))
+    return 1.0 - same / max(1, total)
+
+
+def detector_rows(
+    channels: int, n_scales: int, repeats: int, scaling: str = "channel", device: str = "cpu", batch: int = 8
+) -> list[dict[str, Any]]:
+    """``activation_features`` on one map at ``n_scales`` scales (query and database settings) vs bare MSER; the
+    torch backend against the OpenCV backend, on one image and on ``batch`` images at once (and on CUDA)."""
     maps = real_maps(1, size=(H, W)) if channels == C else []
     source = "real map" if maps else "synthetic map"
     a = maps[0] if maps else synthetic_map(channels)
@@ -488,8 +511,10 @@ def detector_rows(channels: int, n_scales: int, repeats: int, scaling: str = "ch
     shape = f"{tuple(a.shape)} x {n_scales} scales ({source}, scaling={scaling})"
     mser_ms, mser_iqr, regions = timed(lambda: bare_mser(levels, scaling), repeats)
     rows = []
+    opencv: dict[bool, tuple[float, float, LocalFeatures]] = {}
     for query in (True, False):
         ms, iqr, feats = timed(functools.partial(activation_features, levels, query=query, scaling=scaling), repeats)
+        opencv[query] = (ms, iqr, feats)
         rows.append(
             row(
                 f"activation_features, {'query' if query else 'database'} ({int(feats.counts()[0])} features of "
@@ -501,6 +526,36 @@ def detector_rows(channels: int, n_scales: int, repeats: int, scaling: str = "ch
                 "cv2 MSER.detectRegions on the same 8-bit channels (the detector's floor; not compared)",
             )
         )
+    # backend="torch": the batched torch MSER, one image and `batch` images (the same map) per call; ms per image.
+    # The diff column: the fraction of the OpenCV backend's features it does not find (ties OpenCV breaks by its
+    # scan order, deepagg.functional.mser).
+    stacked = [torch.stack([m] * batch) for m in levels]
+    runs: list[tuple[str, list[torch.Tensor], int, bool]] = [("1 image", levels, 1, False)]
+    runs.append((f"{batch} images per call", stacked, batch, False))
+    if device == "cuda":
+        if torch.cuda.is_available():
+            gpu = f"{batch} images per call on {torch.cuda.get_device_name()}"
+            runs.append((gpu, [m.cuda() for m in stacked], batch, True))
+        else:
+            print("bench_spatial --device cuda: CUDA is not available; the GPU detector row is skipped", flush=True)
+    for query in (True, False):
+        ref_ms, ref_iqr, ref = opencv[query]
+        for label, inp, n, sync in runs:
+            ms, iqr, feats = timed(
+                functools.partial(activation_features, inp, query=query, scaling=scaling, backend="torch"),
+                repeats,
+                sync=sync,
+            )
+            rows.append(
+                row(
+                    f"activation_features backend=torch, {'query' if query else 'database'}, {label} (ms per image)",
+                    shape,
+                    (ms / n, iqr / n),
+                    (ref_ms, ref_iqr),
+                    missed(feats[:1].to("cpu"), ref),
+                    "the OpenCV backend on one image; diff: fraction of its features not found",
+                )
+            )
     return rows
 
 
@@ -523,7 +578,7 @@ def run(
         pairs, features, repeats, real = 8, 64, 2, False
     q, db, pos, source = inputs(pairs, features, scales, real, positives, scaling)
     rows, numbers = matcher_rows(q, db, pos, source, repeats, device)
-    rows += detector_rows(32 if quick else C, scales, max(1, repeats // 3), scaling)
+    rows += detector_rows(32 if quick else C, scales, max(1, repeats // 3), scaling, device, 2 if quick else 8)
     if info is not None:
         info.update(numbers)
     return rows
