@@ -701,6 +701,25 @@ class TestActivationFeaturesTorchBackend(TestActivationFeatures):
             assert total > 150
             assert same >= 0.98 * total, (query, same, total)
 
+    def test_chunked_calls_equal_one_call(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The maps of a scale go to bright_msers in chunks of _pixels_per_call pixels: 3 maps per call here.
+        h, w = 20, 26
+        a = torch.stack([blob_maps(random_blobs(8, h, w, 70 + i, margin=4.0), h, w) for i in range(2)])
+        maps = [a, F.avg_pool2d(a, 2)]
+        for query in (True, False):
+            one = activation_features(maps, query=query)
+            monkeypatch.setattr(spatial_module, "_TORCH_MSER_PIXELS", 3 * h * w)
+            assert_same_features(activation_features(maps, query=query), one)
+            monkeypatch.undo()
+        assert int(one.counts().min()) > 5
+
+    def test_pixels_per_call(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert spatial_module._pixels_per_call(torch.device("cpu")) == 1 << 22
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+        assert spatial_module._pixels_per_call(torch.device("cuda")) == 64 * 2**30 // 3200  # 21M pixels
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+        assert spatial_module._pixels_per_call(torch.device("cuda")) == 1 << 22  # never fewer than on a CPU
+
     def test_missing_opencv(self, monkeypatch: pytest.MonkeyPatch) -> None:
         a = blob_maps(random_blobs(6, 20, 26, 4, margin=4.0), 20, 26)
         ref = activation_features(a)
