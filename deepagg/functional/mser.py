@@ -246,6 +246,20 @@ def _pixel_pairs(tree: _Tree, chosen: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.cat(pixels), torch.cat(nodes)
 
 
+def check_mser_settings(
+    fn: str, delta: int, min_area: int, max_area: float, max_variation: float, min_diversity: float
+) -> tuple[int, int]:
+    """Check the MSER settings shared by the detectors (errors name ``fn``, the argument and the value)."""
+    delta = check_int(delta, name="delta", fn=fn, minimum=1)
+    min_area = check_int(min_area, name="min_area", fn=fn, minimum=1)
+    if not 0 < max_area <= 1:
+        raise ValueError(f"{fn}(): max_area must be a fraction of the map area in (0, 1]; got {max_area}.")
+    check_positive(max_variation, name="max_variation", fn=fn)
+    if not 0 <= min_diversity < 1:
+        raise ValueError(f"{fn}(): min_diversity must be in [0, 1); got {min_diversity}.")
+    return delta, min_area
+
+
 def bright_msers(
     maps: torch.Tensor,
     *,
@@ -282,13 +296,7 @@ def bright_msers(
         raise TypeError(f"{fn}(): maps must be a uint8 tensor (8-bit levels); got {got}.")
     if maps.ndim != 3:
         raise ValueError(f"{fn}(): maps must have shape (M, H, W); got {tuple(maps.shape)}.")
-    delta = check_int(delta, name="delta", fn=fn, minimum=1)
-    min_area = check_int(min_area, name="min_area", fn=fn, minimum=1)
-    if not 0 < max_area <= 1:
-        raise ValueError(f"{fn}(): max_area must be a fraction of the map area in (0, 1]; got {max_area}.")
-    check_positive(max_variation, name="max_variation", fn=fn)
-    if not 0 <= min_diversity < 1:
-        raise ValueError(f"{fn}(): min_diversity must be in [0, 1); got {min_diversity}.")
+    delta, min_area = check_mser_settings(fn, delta, min_area, max_area, max_variation, min_diversity)
     m, h, w = maps.shape
     dev = maps.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)

@@ -34,6 +34,7 @@ import torch
 from deepagg._checks import ShapeError, check_int, check_positive
 from deepagg.functional import _blocking
 from deepagg.functional.diffusion import _silence_csr_beta_ctx
+from deepagg.functional.mser import check_mser_settings
 
 __all__ = ["LocalFeatures", "SpatialMatch", "activation_features", "mser_regions", "spatial_match"]
 
@@ -746,13 +747,7 @@ def activation_features(
         if per_channel is None
         else (check_int(per_channel, name="per_channel", fn=fn, minimum=1))
     )
-    delta = check_int(delta, name="delta", fn=fn, minimum=1)
-    min_area = check_int(min_area, name="min_area", fn=fn, minimum=1)
-    if not 0 < max_area <= 1:
-        raise ValueError(f"{fn}(): max_area must be a fraction of the map area in (0, 1]; got {max_area}.")
-    check_positive(max_variation, name="max_variation", fn=fn)
-    if not 0 <= min_diversity < 1:
-        raise ValueError(f"{fn}(): min_diversity must be in [0, 1); got {min_diversity}.")
+    delta, min_area = check_mser_settings(fn, delta, min_area, max_area, max_variation, min_diversity)
     if scaling not in ("channel", "image", "raw"):
         raise ValueError(f"{fn}(): scaling must be 'channel', 'image' or 'raw'; got {scaling!r}.")
     if nms_iou is None:
