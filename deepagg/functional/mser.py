@@ -204,8 +204,10 @@ def _stable_nodes(
     wins = key == best[of]
     first_child[of[wins]] = child[wins]
     up = torch.where(has_parent, parent, nid)
+    # Every step along either chain changes the level, so h0 and h1 lie at most delta steps away: tables of 2^0 ..
+    # 2^(s-1) jumps reach 2^s - 1 >= delta steps.
     down_tables, up_tables = [first_child], [up]
-    for _ in range(_LIFT_STEPS):
+    for _ in range(min(int(delta).bit_length(), _LIFT_STEPS) - 1):
         down_tables.append(down_tables[-1][down_tables[-1]])
         up_tables.append(up_tables[-1][up_tables[-1]])
     # h0: the deepest node of level <= l + delta down the first-child chain (levels rise going down);
