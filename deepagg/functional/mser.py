@@ -323,16 +323,17 @@ def bright_msers(
     nid = torch.arange(k, device=dev)
     nearest = _jump(torch.where(bright, nid, tree.parent))
     outer = torch.where((tree.parent >= 0) & bright, nearest[tree.parent.clamp(min=0)], -1)  # enclosing bright one
-    depth = torch.zeros(k, dtype=torch.long, device=dev)
-    walk = outer
+    regions = nid[bright]
+    depth = torch.zeros(len(regions), dtype=torch.long, device=dev)  # bright regions enclosing each bright region
+    walk = outer[regions]
     while bool((walk >= 0).any()):
         depth += walk >= 0
         walk = torch.where(walk >= 0, outer[walk.clamp(min=0)], -1)
     keep = torch.zeros(k, dtype=torch.bool, device=dev)
     kept_size = torch.zeros(k, dtype=torch.float64, device=dev)  # size of the smallest kept region containing it
     sz = tree.size.double()
-    for d in range(int(depth[bright].max()) + 1 if bool(bright.any()) else 0):
-        at = nid[bright & (depth == d)]
+    for d in range(int(depth.max()) + 1 if len(depth) else 0):
+        at = regions[depth == d]
         enc = outer[at]
         kk = torch.where(enc >= 0, kept_size[enc.clamp(min=0)], 0.0)
         ok = (kk == 0) | ((kk - sz[at]) / torch.where(kk > 0, kk, 1.0) >= min_diversity)
