@@ -730,6 +730,27 @@ def _opencv_version() -> str:
     return str(getattr(cv2, "__version__", "unknown"))
 
 
+#: Images of one map shape per call of the torch MSER detector (rerank.detector.backend=torch).
+TORCH_DETECTOR_IMAGES_PER_CALL = 16
+
+
+def _detect_and_save(
+    dsm: DSM, pending: list[tuple[int, list[torch.Tensor]]], paths: Sequence[Path | None], device: Any, query: bool
+) -> None:
+    """Local features of the ``pending`` images (same map shapes), one call on ``device``; each written atomically.
+
+    ``paths`` are the images' cache files, in ``pending``'s order; ``pending`` is emptied.
+    """
+    stacked = [torch.stack([maps[s] for _, maps in pending]).to(device) for s in range(len(dsm.scales))]
+    found = dsm.extract(stacked, query=query).to("cpu")
+    for j, path in enumerate(paths):
+        buf = io.BytesIO()
+        torch.save(found[j].trimmed().as_dict(), buf)
+        with atomic_write(path, "wb") as fh:  # type: ignore[arg-type]
+            fh.write(buf.getvalue())
+    pending.clear()
+
+
 def local_feature_extras(
     pipe: Pipeline,
     dsm: DSM,
@@ -755,6 +776,11 @@ def local_feature_extras(
         sort_keys=True,
         default=str,
     )
+    # The torch MSER (rerank.detector.backend=torch) runs on the run's device, many images of one map shape per call
+    # (its 256 level steps are paid once per call); OpenCV's, on the CPU, one image at a time.
+    torch_backend = dsm.detector.get("backend", "opencv") == "torch"
+    device = pipe.trainer.strategy.root_device if torch_backend else torch.device("cpu")
+    per_call = TORCH_DETECTOR_IMAGES_PER_CALL if torch_backend else 1
     out: dict[str, LocalFeatures] = {}
     for role, infos, boxes in (("q", q_infos, bbx), ("db", db_infos, None)):
         plans = plan_items(
@@ -789,6 +815,7 @@ def local_feature_extras(
                 if bad:
                     log.warning("dsm: %d %s images could not be extracted; they get no local features", len(bad), role)
             t0, step = time.perf_counter(), max(1, len(todo) // 10)
+            pending: list[tuple[int, list[torch.Tensor]]] = []  # images of one map shape, detected in one call
             for n, i in enumerate(todo, 1):
                 keys = [plans[s][i].key for s in range(len(dsm.scales))]
                 try:
@@ -796,14 +823,16 @@ def local_feature_extras(
                 except (FileNotFoundError, CacheEntryError):
                     paths[i] = None
                     continue
-                f = dsm.extract(maps, query=query).trimmed()
-                buf = io.BytesIO()
-                torch.save(f.as_dict(), buf)
-                with atomic_write(paths[i], "wb") as fh:  # type: ignore[arg-type]
-                    fh.write(buf.getvalue())
+                if pending and [m.shape for m in pending[0][1]] != [m.shape for m in maps]:
+                    _detect_and_save(dsm, pending, [paths[j] for j, _ in pending], device, query)
+                pending.append((i, maps))
+                if len(pending) >= per_call:
+                    _detect_and_save(dsm, pending, [paths[j] for j, _ in pending], device, query)
                 if n % step == 0 or n == len(todo):
                     dt = time.perf_counter() - t0
                     log.info("dsm: %s local features %d/%d (%.2f s per image)", role, n, len(todo), dt / n)
+            if pending:
+                _detect_and_save(dsm, pending, [paths[j] for j, _ in pending], device, query)
         for fpath in paths:
             if fpath is None:
                 feats.append(LocalFeatures.empty(1, len(dsm.scales)))

@@ -142,3 +142,28 @@ def test_torch_detector_runs_without_opencv(fake_root: Path, monkeypatch: pytest
             total += int(fa.counts()[i])
     assert total > 0
     assert same >= 0.95 * total, (same, total)
+
+
+def test_torch_detector_batches_images_of_one_shape(fake_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Images whose maps have the same shapes (the fake database's crops) go to the detector together; the features
+    # are those of one image per call.
+    calls: list[int] = []
+    real = app._detect_and_save
+
+    def spy(dsm, pending, *args):  # type: ignore[no-untyped-def]
+        calls.append(len(pending))
+        real(dsm, pending, *args)
+
+    monkeypatch.setattr(app, "_detect_and_save", spy)
+    _run([*DSM_RUN, "rerank.detector.backend=torch"], fake_root, "a")
+    assert max(calls) > 1
+    assert sum(calls) == 12  # every image once
+    monkeypatch.setattr(app, "TORCH_DETECTOR_IMAGES_PER_CALL", 1)
+    calls.clear()
+    _run([*DSM_RUN, "rerank.detector.backend=torch", "overwrite=true"], fake_root, "b")
+    assert calls == [1] * 12
+    for role in ("q_local_features", "db_local_features"):
+        fa = LocalFeatures.from_dict(torch.load(fake_root / "a" / "dsm.pt", weights_only=True)[role])
+        fb = LocalFeatures.from_dict(torch.load(fake_root / "b" / "dsm.pt", weights_only=True)[role])
+        for name, x in fa.as_dict().items():
+            assert torch.equal(x, getattr(fb, name)), (role, name)
