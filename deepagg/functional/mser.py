@@ -28,13 +28,15 @@ its bright pass, followed by the two filters of :func:`~deepagg.functional.mser_
 flood fill merged last, an order that depends on the path of its scan and cannot be had without running it
 sequentially. Here the brighter child (higher level) wins such a tie, then the one whose first pixel comes later
 in raster order. On 8-bit maps the ties are frequent between one- and two-pixel children and move a few regions:
-on smoothed random maps (160 maps of 5-32 px a side, ``delta`` 2 / 5 / 12) 99.9 % of OpenCV's regions were found
-and 0.5 % more were found that OpenCV does not report (``tests/test_mser.py`` measures it on every run). On maps
-without such ties the regions are the same, pixel for pixel.
+on 96 box-filtered noise maps (``tests/test_mser.py``, measured on every run) 1672 of OpenCV's 1676 regions are
+found and 17 more that OpenCV does not report; on the features of ``activation_features`` over a noisy synthetic
+map, 0.2-0.8 % of OpenCV's are missed (``benchmarks/bench_spatial.py``). On maps without such ties (smooth blobs)
+the regions are the same, pixel for pixel.
 
-**Cost.** The tree costs 256 steps of a few dozen tensor ops each, plus work proportional to the pixels: on a
-CPU it is several times slower than OpenCV's C++ (``benchmarks/bench_spatial.py`` prints both); its point is a
-GPU, where all maps of many images go through one call.
+**Cost.** The tree costs 256 steps of a few dozen tensor ops each, plus work proportional to the pixels (about
+250 bytes of memory a pixel at the peak): on 2 CPU cores it is 3-4x slower than OpenCV's C++
+(``benchmarks/bench_spatial.py`` prints both); its point is a GPU, where the maps of many images go through one
+call.
 """
 
 from __future__ import annotations
